@@ -1,0 +1,241 @@
+"""Kernel dispatch: the one module that decides which implementation runs.
+
+CUDA tensors go to mamba-ssm's Triton kernels (SSD chunk scan, selective state update,
+gated RMSNorm) and to causal-conv1d's CUDA kernels when that extension imports;
+CPU tensors go to the pure-PyTorch functions below, which tests hold equal to
+mamba-ssm's own reference functions.
+
+mamba-ssm's package `__init__` imports its Mamba-1 CUDA extension (`selective_scan_cuda`)
+and the Mamba-3 modules, which a `MAMBA_SKIP_CUDA_BUILD=TRUE` install lacks and which
+cost ~3.6 s. `import_mamba_ssm` registers a bare `mamba_ssm` package module (its real
+path, none of its `__init__`) so that only the Triton submodules we name get imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import sys
+import types
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# causal-conv1d's channel-last kernels need channel strides that are multiples of 8.
+CAUSAL_CONV1D_CHANNEL_ALIGN = 8
+
+
+def import_mamba_ssm(submodule: str) -> ModuleType:
+    """Import `mamba_ssm.<submodule>` without running mamba_ssm/__init__.py."""
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError(
+                "mamba-ssm is not installed; run `make setup` (it installs mamba-ssm==2.3.2.post1 "
+                "with MAMBA_SKIP_CUDA_BUILD=TRUE)"
+            )
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__file__ = spec.origin
+        sys.modules["mamba_ssm"] = package
+    return importlib.import_module(f"mamba_ssm.{submodule}")
+
+
+@functools.cache
+def _triton() -> types.SimpleNamespace:
+    ssd = import_mamba_ssm("ops.triton.ssd_combined")
+    ssu = import_mamba_ssm("ops.triton.selective_state_update")
+    norm = import_mamba_ssm("ops.triton.layernorm_gated")
+    return types.SimpleNamespace(
+        chunk_scan=ssd.mamba_chunk_scan_combined,
+        split_conv1d_scan=ssd.mamba_split_conv1d_scan_combined,
+        state_update=ssu.selective_state_update,
+        rmsnorm=norm.rmsnorm_fn,
+    )
+
+
+@functools.cache
+def causal_conv1d_ops() -> types.SimpleNamespace | None:
+    """causal-conv1d's CUDA functions, or None when its extension does not import."""
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except ImportError as err:
+        log.info("causal-conv1d CUDA extension unavailable (%s); using the PyTorch conv", err)
+        return None
+    return types.SimpleNamespace(fn=causal_conv1d_fn, update=causal_conv1d_update)
+
+
+def _use_causal_conv1d(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.shape[-1] % CAUSAL_CONV1D_CHANNEL_ALIGN == 0 and causal_conv1d_ops() is not None
+
+
+def fused_path_available(x: torch.Tensor, conv_dim: int) -> bool:
+    """True when the fully fused conv+scan+norm+out_proj kernel can run on `x`."""
+    return x.is_cuda and conv_dim % CAUSAL_CONV1D_CHANNEL_ALIGN == 0 and causal_conv1d_ops() is not None
+
+
+def fused_block(zxbcdt: torch.Tensor, **kwargs) -> torch.Tensor:
+    """mamba-ssm's fused split/conv/scan/norm/out_proj path (CUDA + causal-conv1d only)."""
+    return _triton().split_conv1d_scan(zxbcdt, **kwargs)
+
+
+# ---------------------------------------------------------------- causal conv
+
+
+def causal_conv(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                history: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv + SiLU.
+
+    xbc: (batch, length, channels); weight: (channels, d_conv); bias: (channels,)
+    history: (batch, channels, d_conv - 1) inputs preceding xbc (zeros when None).
+    Returns (batch, length, channels).
+    """
+    if history is None and _use_causal_conv1d(xbc):
+        return causal_conv1d_ops().fn(xbc.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
+    x = xbc.transpose(1, 2)  # (B, C, L)
+    width = weight.shape[-1]
+    if history is None:
+        x = F.pad(x, (width - 1, 0))
+    else:
+        x = torch.cat([history.to(x.dtype), x], dim=-1)
+    out = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
+                   groups=x.shape[1])
+    return F.silu(out).transpose(1, 2)
+
+
+def causal_conv_step(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """One decode step of the causal conv; updates conv_state (batch, channels, d_conv) in place.
+
+    xbc: (batch, channels). Returns (batch, channels) after SiLU.
+    """
+    if _use_causal_conv1d(xbc) and conv_state.dtype == xbc.dtype:
+        return causal_conv1d_ops().update(xbc, conv_state, weight, bias, "silu")
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = xbc
+    out = torch.einsum("bcw,cw->bc", conv_state.to(weight.dtype), weight)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out).to(xbc.dtype)
+
+
+# ---------------------------------------------------------------- SSD scan
+
+
+def ssd_chunked_torch(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      chunk_size: int, D: torch.Tensor | None = None,
+                      initial_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD in PyTorch (fp32 inside), the CPU twin of mamba_chunk_scan_combined.
+
+    x: (b, l, h, p); dt: (b, l, h) after softplus; A: (h,) negative; B, C: (b, l, g, n)
+    D: (h,) skip; initial_states: (b, h, p, n). Returns y (b, l, h, p), final state (b, h, p, n).
+    Heads are handled as (g, h/g) so B and C are never copied per head.
+    """
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    out_dtype = x.dtype
+    x, dt, B, C = (t.float() for t in (x, dt, B, C))
+    q = min(chunk_size, length)
+    pad = (-length) % q
+    if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nc = x.shape[1] // q
+    x = x.reshape(b, nc, q, g, h // g, p)  # (b, c, q, g, k, p) with k heads per group
+    dt = dt.reshape(b, nc, q, g, h // g)
+    B, C = B.reshape(b, nc, q, g, n), C.reshape(b, nc, q, g, n)
+    # 1. log-decay accumulated inside each chunk
+    a_cum = torch.cumsum(dt * A.float().reshape(g, h // g), dim=2)  # (b, c, q, g, k)
+    # 2. outputs from inputs of the same chunk: y[t] = sum_{s<=t} (C_t.B_s) e^{a_t - a_s} dt_s x_s
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    a_t = a_cum.permute(0, 1, 3, 4, 2)  # (b, c, g, k, q)
+    seg = (a_t.unsqueeze(-1) - a_t.unsqueeze(-2)).masked_fill(~causal, float("-inf"))  # (b, c, g, k, t, s)
+    scores = torch.einsum("bctgn,bcsgn->bcgts", C, B).unsqueeze(3) * seg.exp()
+    y = torch.einsum("bcgkts,bcsgkp->bctgkp", scores, dt.unsqueeze(-1) * x)
+    # 3. each chunk's own contribution to the state at its end
+    to_end = (a_cum[:, :, -1:] - a_cum).exp() * dt  # (b, c, q, g, k)
+    chunk_states = torch.einsum("bcsgk,bcsgn,bcsgkp->bcgkpn", to_end, B, x)
+    # 4. carry the state across chunks (a short loop: length / chunk_size steps)
+    state = x.new_zeros(b, h, p, n) if initial_states is None else initial_states.float()
+    state = state.reshape(b, g, h // g, p, n)
+    chunk_decay = a_cum[:, :, -1].exp()  # (b, c, g, k)
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, :, None, None] + chunk_states[:, c]
+    entering = torch.stack(entering, dim=1)  # (b, c, g, k, p, n)
+    # 5. outputs from the state entering each chunk
+    y = y + torch.einsum("bctgn,bcgkpn->bctgkp", C, entering) * a_cum.exp().unsqueeze(-1)
+    y = y.reshape(b, nc * q, h, p)[:, :length]
+    if D is not None:
+        y = y + x.reshape(b, nc * q, h, p)[:, :length] * D.float()[:, None]
+    return y.to(out_dtype), state.reshape(b, h, p, n)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, dt_bias: torch.Tensor, chunk_size: int,
+             initial_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD over a sequence. dt is raw (before `+ dt_bias` and softplus).
+
+    Shapes as in `ssd_chunked_torch`. Returns y and the final state (fp32).
+    """
+    if x.is_cuda:
+        y, final = _triton().chunk_scan(
+            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True,
+            initial_states=initial_states, return_final_states=True,
+        )
+        return y, final
+    dt = F.softplus(dt.float() + dt_bias.float())
+    return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states)
+
+
+def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """One recurrent step; updates state (b, h, p, n) in place.
+
+    x: (b, h, p); dt: (b, h) raw; A, D, dt_bias: (h,); B, C: (b, g, n). Returns y (b, h, p).
+    """
+    if x.is_cuda:
+        p, n = x.shape[-1], B.shape[-1]
+        return _triton().state_update(
+            state, x, dt.unsqueeze(-1).expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(),
+            B, C, D[:, None].expand(-1, p), dt_bias=dt_bias[:, None].expand(-1, p), dt_softplus=True,
+        )
+    h = x.shape[1]
+    B = B.float().repeat_interleave(h // B.shape[1], dim=1)  # (b, h, n)
+    C = C.float().repeat_interleave(h // C.shape[1], dim=1)
+    xf = x.float()
+    dt = F.softplus(dt.float() + dt_bias.float())  # (b, h)
+    decay = (dt * A.float()).exp()
+    state.copy_(state * decay[..., None, None] + (dt[..., None] * xf)[..., None] * B[:, :, None, :])
+    y = torch.einsum("bhpn,bhn->bhp", state.float(), C) + xf * D.float()[:, None]
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- gated RMSNorm
+
+
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, ngroups: int,
+                  norm_before_gate: bool) -> torch.Tensor:
+    """RMSNorm over each of `ngroups` channel groups, gated by silu(z).
+
+    y, z: (..., d); weight: (d,). Returns (..., d) in y's dtype.
+    """
+    group_size = y.shape[-1] // ngroups
+    if y.is_cuda:
+        return _triton().rmsnorm(y, weight, None, z=z, eps=eps, group_size=group_size,
+                                 norm_before_gate=norm_before_gate)
+    out_dtype = y.dtype
+    yf, zf = y.float(), z.float()
+    if not norm_before_gate:
+        yf = yf * F.silu(zf)
+    grouped = yf.unflatten(-1, (ngroups, group_size))
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    out = grouped.flatten(-2) * weight.float()
+    if norm_before_gate:
+        out = out * F.silu(zf)
+    return out.to(out_dtype)

@@ -1,0 +1,115 @@
+"""The two tasks (Fashion-MNIST classification, prose language modelling): data, loss and evaluation.
+
+Training (`matmamba.train`), evaluation (`matmamba.eval`) and threshold tuning share these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import ImageBatches, load_fashion_mnist, load_prose, normalize_images
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs stay in fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ------------------------------------------------------------------ vision
+
+
+def vision_loss(model, images: torch.Tensor, labels: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+    return F.cross_entropy(model(images, widths=widths).float(), labels)
+
+
+@torch.no_grad()
+def vision_logits(model, images_uint8: torch.Tensor, widths: Sequence[int] | None, device: torch.device,
+                  batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, n_classes) in fp32 for uint8 images (N, 28, 28)."""
+    model.eval()
+    out = []
+    for start in range(0, images_uint8.shape[0], batch_size):
+        x = normalize_images(images_uint8[start:start + batch_size]).to(device)
+        with autocast(device):
+            out.append(model(x, widths=widths).float().cpu())
+    return torch.cat(out)
+
+
+def vision_accuracy(model, images_uint8: torch.Tensor, labels: torch.Tensor, widths: Sequence[int] | None,
+                    device: torch.device) -> float:
+    logits = vision_logits(model, images_uint8, widths, device)
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def vision_train_batches(batch_size: int, seed: int,
+                         start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless augmented batches from the 55k training split; `start_step` resumes the same order."""
+    images, labels = load_fashion_mnist("train")
+    batches = ImageBatches(images, labels, batch_size, shuffle=True, seed=seed, augment=True, drop_last=True)
+    batches.set_epoch(start_step // len(batches))
+    skip = start_step % len(batches)
+    while True:
+        for i, batch in enumerate(batches):
+            if skip and i < skip:
+                continue
+            yield batch
+        skip = 0
+
+
+# ------------------------------------------------------------------ language modelling
+
+
+@dataclass
+class TokenStream:
+    """A tokenized text split: ids (N,) int64 and the UTF-8 bytes it covers (for bits per byte)."""
+
+    ids: torch.Tensor
+    n_bytes: int
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer) -> TokenStream:
+        return cls(torch.tensor(tokenizer.encode(text), dtype=torch.int64), len(text.encode("utf-8")))
+
+
+def lm_loss(model, tokens: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+    """Next-token cross-entropy (nats/token). tokens: (B, L + 1)."""
+    logits = model(tokens[:, :-1], widths=widths)
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def lm_train_batch(stream: TokenStream, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """Random windows (B, seq_len + 1); the same (seed, step) always gives the same batch (resumable)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, stream.ids.numel() - seq_len - 1, (batch_size,), generator=g)
+    return torch.stack([stream.ids[s:s + seq_len + 1] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def lm_eval(model, stream: TokenStream, widths: Sequence[int] | None, device: torch.device, seq_len: int = 256,
+            batch_size: int = 32, max_windows: int | None = None) -> dict[str, float]:
+    """Mean loss (nats/token) and bits per byte over non-overlapping windows of the split."""
+    model.eval()
+    n = (stream.ids.numel() - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the evaluation split has {stream.ids.numel()} tokens, fewer than seq_len {seq_len}")
+    windows = torch.stack([stream.ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+    total = 0.0
+    for start in range(0, n, batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        with autocast(device):
+            total += lm_loss(model, batch, widths).item() * batch.shape[0]
+    loss = total / n
+    covered = n * seq_len / stream.ids.numel()
+    bpb = loss * n * seq_len / (covered * stream.n_bytes) / math.log(2)
+    return {"loss": loss, "bits_per_byte": bpb}
+
+
+def prose_streams(tokenizer, splits: Sequence[str] = ("train", "val")) -> dict[str, TokenStream]:
+    return {split: TokenStream.from_text(load_prose(split), tokenizer) for split in splits}

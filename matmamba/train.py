@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-model", type=int, default=None, help="default 128 (vision) / 256 (lm)")
     p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--headdim", type=int, default=16,
+                   help="channels per SSM head (fewer, wider heads run faster on CPU)")
     p.add_argument("--d-state", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the train split")
     p.add_argument("--patch-size", type=int, default=4)
@@ -99,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def block_config(args: argparse.Namespace, d_model: int) -> MatMamba2Config:
     levels = tuple(sorted(set(args.levels) | {1}))
-    return MatMamba2Config(d_model=d_model, d_state=args.d_state, chunk_size=64, levels=levels)
+    return MatMamba2Config(d_model=d_model, d_state=args.d_state, headdim=args.headdim, chunk_size=64, levels=levels)
 
 
 def width_specs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -196,14 +198,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     setup = (setup_vision if args.task == "vision" else setup_lm)(args, device)
     opt, sched = make_optimizer(setup.model, args)
-    start, history, elapsed = 0, [], 0.0
+    start, history, elapsed, side = 0, [], 0.0, 0.0  # side: seconds spent evaluating and saving
     if args.resume and (args.out / STATE_FILE).exists():
         state = torch.load(args.out / STATE_FILE, map_location=device, weights_only=True)
         setup.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start, history, elapsed = state["step"], json.loads(state["history"]), state["elapsed"]
+        start, history, elapsed, side = (state["step"], json.loads(state["history"]), state["elapsed"],
+                                         state["side"])
         setup.data_start(start)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.no_progress,
                desc=f"train {args.task}", unit="step")
@@ -221,29 +224,33 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if step % 10 == 0 or step == args.steps - 1:
             bar.set_postfix({name: f"{loss.item():.3f}" for name, loss in losses.items()})
         done = step + 1
+        t_side = time.perf_counter()
         if done % args.eval_every == 0 or done == args.steps:
             history.append({"step": done, "train_loss": {k: v.item() for k, v in losses.items()},
                             "eval": setup.evaluate()})
             tqdm.write(json.dumps(history[-1]))
+        side += time.perf_counter() - t_side
         if (done % args.save_every == 0 or done == args.stop_at) and done < args.steps:
-            _save_state(args, setup, opt, sched, done, history, elapsed + time.perf_counter() - t0)
+            _save_state(args, setup, opt, sched, done, history, elapsed + time.perf_counter() - t0, side)
         if done == args.stop_at and done < args.steps:
             return {"stopped_at": done, "history": history}
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = elapsed + time.perf_counter() - t0
-    return finish(args, setup, history, wall, start)
+    return finish(args, setup, history, wall, wall - side, start)
 
 
-def _save_state(args, setup: TrainSetup, opt, sched, step: int, history: list, elapsed: float) -> None:
+def _save_state(args, setup: TrainSetup, opt, sched, step: int, history: list, elapsed: float,
+                side: float) -> None:
     tmp = args.out / (STATE_FILE + ".tmp")
     torch.save({"model": setup.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(), "step": step, "history": json.dumps(history),
-                "elapsed": elapsed}, tmp)
+                "elapsed": elapsed, "side": side}, tmp)
     tmp.replace(args.out / STATE_FILE)
 
 
-def finish(args: argparse.Namespace, setup: TrainSetup, history: list, wall: float, start: int) -> dict[str, Any]:
+def finish(args: argparse.Namespace, setup: TrainSetup, history: list, wall: float, train_seconds: float,
+           start: int) -> dict[str, Any]:
     model = setup.model
     model.save_pretrained(args.out, tokenizer=setup.tokenizer)
     state = args.out / STATE_FILE
@@ -256,7 +263,8 @@ def finish(args: argparse.Namespace, setup: TrainSetup, history: list, wall: flo
         "specs": {k: list(v) for k, v in setup.specs.items()},
         "params": {k: count_params(model.config, v) for k, v in setup.specs.items()},
         "samples_seen": args.steps * setup.samples_per_step, "unit": setup.unit,
-        "wall_seconds": wall, "steps_per_second": steps_run / wall if wall else None,
+        "wall_seconds": wall, "train_seconds": train_seconds,
+        "steps_per_second": steps_run / train_seconds if train_seconds else None,
         "device": device_name, "torch": torch.__version__, "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": setup.data, "history": history, "final_eval": history[-1]["eval"] if history else {},

@@ -13,8 +13,8 @@ from matmamba.data import has_full_fashion_mnist
 from matmamba.train import main
 
 needs_fmnist = pytest.mark.skipif(not has_full_fashion_mnist(), reason="needs Debian dataset-fashion-mnist")
-TINY = ["--d-model", "32", "--n-layer", "2", "--d-state", "8", "--eval-samples", "64", "--no-progress",
-        "--warmup", "2"]
+TINY = ["--d-model", "32", "--headdim", "4", "--n-layer", "2", "--d-state", "8", "--eval-samples", "64",
+        "--no-progress", "--warmup", "2"]
 
 
 @needs_fmnist

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
+#   bash bench/gpu_suite.sh tests lm vision
+# Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation).
+# Needs .whl (the mamba-ssm sdist) and .data (fashion-mnist gz files, prepared prose) carried along.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site/mamba_ssm ]; then
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install -q --no-deps --no-build-isolation \
+    --target /tmp/site .whl/mamba_ssm-2.3.2.post1.tar.gz
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export MATMAMBA_FMNIST_DIR=$PWD/.data/fashion-mnist MATMAMBA_PROSE_DIR=$PWD/.data/prose
+python3 -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+
+VISION=(--d-model 192 --n-layer 6 --d-state 64 --headdim 16 --steps 4000 --batch-size 256 --lr 2e-3 --warmup 200
+        --eval-every 1000 --save-every 100000 --no-progress)
+LM=(--d-model 256 --n-layer 6 --d-state 64 --headdim 16 --steps 800 --batch-size 32 --seq-len 256 --lr 2e-3
+    --warmup 100 --eval-every 200 --save-every 100000 --vocab-size 2048 --no-progress)
+
+run_task() {  # task, widths..., then training args after --
+  local task=$1; shift
+  local widths=()
+  while [ "$1" != "--" ]; do widths+=("$1"); shift; done; shift
+  local dir=runs/$task
+  mkdir -p "$dir"
+  python3 -m matmamba.train "$task" --out "$dir/joint" "$@" 2>&1 | tee "$dir/joint.log" | grep -v '^$' | tail -3
+  for w in "${widths[@]}"; do
+    python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" > "$dir/baseline-$w.log" 2>&1
+    python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" > /dev/null 2>&1
+    rm "$dir/baseline-$w/model.safetensors"
+  done
+  python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" 2>&1 | tail -40
+  tar czf "$OUT/$task.tar.gz" -C runs "$task"
+}
+
+for phase in "$@"; do
+  case $phase in
+    tests) python3 -m pytest -m gpu -q tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
+    vision) run_task vision 192 96 48 24 -- "${VISION[@]}" ;;
+    *) echo "unknown phase $phase" >&2; exit 2 ;;
+  esac
+done

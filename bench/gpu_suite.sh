@@ -5,6 +5,8 @@
 # Needs .whl (the mamba-ssm sdist) and .data (fashion-mnist gz files, prepared prose) carried along.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+# Keep Triton's autotuning results on disk so later processes (baselines, evals) skip re-tuning.
+export TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if [ ! -d /tmp/site/mamba_ssm ]; then
@@ -26,13 +28,18 @@ run_task() {  # task, widths..., then training args after --
   while [ "$1" != "--" ]; do widths+=("$1"); shift; done; shift
   local dir=runs/$task
   mkdir -p "$dir"
-  python3 -m matmamba.train "$task" --out "$dir/joint" "$@" 2>&1 | tee "$dir/joint.log" | grep -v '^$' | tail -3
+  local log=$OUT/$task.log
+  echo "== $task joint $(date +%T)" | tee -a "$log"
+  [ -f "$dir/joint/metrics.json" ] || python3 -m matmamba.train "$task" --out "$dir/joint" "$@" >> "$log" 2>&1
   for w in "${widths[@]}"; do
-    python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" > "$dir/baseline-$w.log" 2>&1
-    python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" > /dev/null 2>&1
+    echo "== $task baseline $w $(date +%T)" | tee -a "$log"
+    [ -f "$dir/baseline-$w/metrics.json" ] || \
+      python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" >> "$log" 2>&1
+    python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" >> "$log" 2>&1
     rm "$dir/baseline-$w/model.safetensors"
   done
-  python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" 2>&1 | tail -40
+  echo "== $task eval $(date +%T)" | tee -a "$log"
+  python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" 2>&1 | tee -a "$log" | tail -40
   tar czf "$OUT/$task.tar.gz" -C runs "$task"
 }
 

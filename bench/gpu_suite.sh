@@ -33,10 +33,11 @@ run_task() {  # task, widths..., then training args after --
   [ -f "$dir/joint/metrics.json" ] || python3 -m matmamba.train "$task" --out "$dir/joint" "$@" >> "$log" 2>&1
   for w in "${widths[@]}"; do
     echo "== $task baseline $w $(date +%T)" | tee -a "$log"
-    [ -f "$dir/baseline-$w/metrics.json" ] || \
+    if [ ! -f "$dir/eval-baseline-$w/eval.json" ]; then
       python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" >> "$log" 2>&1
-    python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" >> "$log" 2>&1
-    rm "$dir/baseline-$w/model.safetensors"
+      python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" >> "$log" 2>&1
+      rm "$dir/baseline-$w/model.safetensors"
+    fi
   done
   echo "== $task eval $(date +%T)" | tee -a "$log"
   python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" 2>&1 | tee -a "$log" | tail -40

@@ -17,8 +17,8 @@ export PYTHONPATH=/tmp/site:$PWD
 export MATMAMBA_FMNIST_DIR=$PWD/.data/fashion-mnist MATMAMBA_PROSE_DIR=$PWD/.data/prose
 python3 -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 
-VISION=(--d-model 192 --n-layer 6 --d-state 64 --headdim 16 --steps 4000 --batch-size 256 --lr 2e-3 --warmup 200
-        --eval-every 1000 --save-every 100000 --no-progress)
+VISION=(--d-model 192 --n-layer 6 --d-state 64 --headdim 16 --steps 1500 --batch-size 512 --lr 3e-3 --warmup 150
+        --eval-every 500 --save-every 100000 --no-progress)
 LM=(--d-model 256 --n-layer 6 --d-state 64 --headdim 16 --steps 800 --batch-size 32 --seq-len 256 --lr 2e-3
     --warmup 100 --eval-every 200 --save-every 100000 --vocab-size 2048 --no-progress)
 
@@ -30,18 +30,21 @@ run_task() {  # task, widths..., then training args after --
   mkdir -p "$dir"
   local log=$OUT/$task.log
   echo "== $task joint $(date +%T)" | tee -a "$log"
-  [ -f "$dir/joint/metrics.json" ] || python3 -m matmamba.train "$task" --out "$dir/joint" "$@" >> "$log" 2>&1
+  if [ ! -f "$dir/joint/metrics.json" ]; then
+    python3 -m matmamba.train "$task" --out "$dir/joint" "$@" >> "$log" 2>&1
+    python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" >> "$log" 2>&1
+    tar czf "$OUT/$task.tar.gz" -C runs "$task"
+  fi
   for w in "${widths[@]}"; do
     echo "== $task baseline $w $(date +%T)" | tee -a "$log"
     if [ ! -f "$dir/eval-baseline-$w/eval.json" ]; then
       python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" >> "$log" 2>&1
       python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" >> "$log" 2>&1
       rm "$dir/baseline-$w/model.safetensors"
+      tar czf "$OUT/$task.tar.gz" -C runs "$task"
     fi
   done
-  echo "== $task eval $(date +%T)" | tee -a "$log"
-  python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" 2>&1 | tee -a "$log" | tail -40
-  tar czf "$OUT/$task.tar.gz" -C runs "$task"
+  tail -40 "$dir/eval-joint/eval.md"
 }
 
 for phase in "$@"; do

@@ -2,6 +2,7 @@
 # GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation).
+# BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist) and .data (fashion-mnist gz files, prepared prose) carried along.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,7 +31,7 @@ run_task() {  # task, widths..., then training args after --
   mkdir -p "$dir"
   local log=$OUT/$task.log
   echo "== $task joint $(date +%T)" | tee -a "$log"
-  if [ ! -f "$dir/joint/metrics.json" ]; then
+  if [ -z "${BASELINES_ONLY:-}" ] && [ ! -f "$dir/joint/metrics.json" ]; then
     python3 -m matmamba.train "$task" --out "$dir/joint" "$@" >> "$log" 2>&1
     python3 -m matmamba.eval --checkpoint "$dir/joint" --out "$dir/eval-joint" >> "$log" 2>&1
     tar czf "$OUT/$task.tar.gz" -C runs "$task"
@@ -38,13 +39,24 @@ run_task() {  # task, widths..., then training args after --
   for w in "${widths[@]}"; do
     echo "== $task baseline $w $(date +%T)" | tee -a "$log"
     if [ ! -f "$dir/eval-baseline-$w/eval.json" ]; then
-      python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@" >> "$log" 2>&1
-      python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w" >> "$log" 2>&1
-      rm "$dir/baseline-$w/model.safetensors"
-      tar czf "$OUT/$task.tar.gz" -C runs "$task"
+      if [ -n "${PARALLEL_BASELINES:-}" ]; then  # accuracy only: concurrent runs distort their timings
+        baseline "$task" "$w" "$dir" "$@" > "$OUT/$task-baseline-$w.log" 2>&1 &
+      else
+        baseline "$task" "$w" "$dir" "$@" >> "$log" 2>&1
+        tar czf "$OUT/$task.tar.gz" -C runs "$task"
+      fi
     fi
   done
-  tail -40 "$dir/eval-joint/eval.md"
+  wait
+  tar czf "$OUT/$task.tar.gz" -C runs "$task"
+  [ -f "$dir/eval-joint/eval.md" ] && tail -40 "$dir/eval-joint/eval.md"
+}
+
+baseline() {  # task, width, dir, training args...: train one width alone, evaluate it, drop its weights
+  local task=$1 w=$2 dir=$3; shift 3
+  python3 -m matmamba.train "$task" --levels 1 --width "$w" --out "$dir/baseline-$w" "$@"
+  python3 -m matmamba.eval --checkpoint "$dir/baseline-$w" --width "$w" --out "$dir/eval-baseline-$w"
+  rm "$dir/baseline-$w/model.safetensors"
 }
 
 for phase in "$@"; do

@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,9 +254,11 @@ def finish(args: argparse.Namespace, setup: TrainSetup, history: list, wall: flo
            start: int) -> dict[str, Any]:
     model = setup.model
     model.save_pretrained(args.out, tokenizer=setup.tokenizer)
-    state = args.out / STATE_FILE
-    if state.exists():
-        state.unlink()
+    for leftover in (args.out / STATE_FILE, args.out / "tokenizer"):  # resumable state, no longer needed
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        elif leftover.exists():
+            leftover.unlink()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     steps_run = args.steps - start
     metrics = {

@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
-# Needs .whl (the mamba-ssm sdist) and .data (fashion-mnist gz files, prepared prose) carried along.
+# Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
+# (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 # Keep Triton's autotuning results on disk so later processes (baselines, evals) skip re-tuning.
@@ -13,10 +14,13 @@ mkdir -p "$OUT"
 if [ ! -d /tmp/site/mamba_ssm ]; then
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE python3 -m pip install -q --no-deps --no-build-isolation \
     --target /tmp/site .whl/mamba_ssm-2.3.2.post1.tar.gz
+  # grpcio / protobuf at the versions the generated modules were made for, plus the health service
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
 export MATMAMBA_FMNIST_DIR=$PWD/.data/fashion-mnist MATMAMBA_PROSE_DIR=$PWD/.data/prose
-python3 -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+DEVICE_LINE=$(python3 -c "import torch, triton; print('device', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)")
+echo "$DEVICE_LINE"
 
 VISION=(--d-model 192 --n-layer 6 --d-state 64 --headdim 16 --steps 1500 --batch-size 512 --lr 3e-3 --warmup 150
         --eval-every 500 --save-every 100000 --no-progress)
@@ -61,7 +65,7 @@ baseline() {  # task, width, dir, training args...: train one width alone, evalu
 
 for phase in "$@"; do
   case $phase in
-    tests) python3 -m pytest -m gpu -q tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
     lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
     vision) run_task vision 192 96 48 24 -- "${VISION[@]}" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;

@@ -25,7 +25,7 @@ The router at the edge reuses this module, which is why it must never import tor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -79,7 +79,6 @@ class ModelLimits:
     max_tokens: int = 0  # cap on GenerateRequest.max_tokens
     default_max_tokens: int = 0  # used when a request leaves max_tokens = 0
     max_reply_bytes: int = 0  # largest reply the server may send (Score with all positions); 0 = no check
-    extra: dict[str, str] = field(default_factory=dict, compare=False)  # free-form notes, e.g. the tokenizer
 
     def __post_init__(self) -> None:
         if self.task not in (pb.VISION, pb.LM):
@@ -191,15 +190,21 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
-def _decode(msg: pb.Tensor, what: str, max_elements: int, present: bool) -> np.ndarray:
+def _header_shape(msg: pb.Tensor, what: str, present: bool) -> tuple[int, ...]:
+    """The tensor's shape, before its data is decoded; negative dimensions are refused."""
     if not present:
         raise _invalid(f"{what} is missing: set it to a Tensor (see proto/tensors.py to_tensor_msg)")
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise _invalid(f"{what}: tensor shape {list(shape)} has a negative dimension; every dimension must be >= 0")
+    return shape
+
+
+def _decode(msg: pb.Tensor, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode a tensor whose shape was already checked against the limits."""
     try:
-        return from_tensor_msg(msg, max_elements=max_elements)
+        return from_tensor_msg(msg, max_elements=math.prod(shape))
     except TensorFormatError as err:
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if "elements; at most" in str(err) else None
-        if code is not None:
-            raise _too_large(f"{what}: {err}") from None
         raise _invalid(f"{what}: {err}") from None
 
 
@@ -233,9 +238,9 @@ def validate_classify(request: pb.ClassifyRequest, limits: ModelLimits) -> Class
     msg = request.images
     if request.HasField("images") and msg.dtype not in IMAGE_DTYPES:
         raise _invalid(f"images must be UINT8 (raw pixels) or FLOAT32 (normalised); got {dtype_name(msg.dtype)}")
-    side = limits.max_image_size
-    images = _decode(msg, "images", limits.max_batch * limits.channels * side * side, request.HasField("images"))
-    _check_image_shape(images.shape, limits)
+    shape = _header_shape(msg, "images", request.HasField("images"))
+    _check_image_shape(shape, limits)
+    images = _decode(msg, "images", shape)
     if images.dtype == np.float32 and not np.isfinite(images).all():
         bad = int((~np.isfinite(images)).sum())
         raise _invalid(f"images hold {bad} NaN or infinite value(s); send finite normalised pixels")
@@ -265,15 +270,16 @@ def validate_score(request: pb.ScoreRequest, limits: ModelLimits) -> ScoreInputs
     msg = request.tokens
     if request.HasField("tokens") and msg.dtype != pb.INT64:
         raise _invalid(f"tokens must be INT64; got {dtype_name(msg.dtype)}")
-    tokens = _decode(msg, "tokens", limits.max_batch * limits.max_seq_len, request.HasField("tokens"))
-    if tokens.ndim != 2:
-        raise _invalid(f"tokens must have shape (N, L); got shape {list(tokens.shape)}")
-    n, length = tokens.shape
+    shape = _header_shape(msg, "tokens", request.HasField("tokens"))
+    if len(shape) != 2:
+        raise _invalid(f"tokens must have shape (N, L); got shape {list(shape)}")
+    n, length = shape
     _check_batch(n, "tokens", limits)
     if length == 0:
         raise _invalid("tokens have length L = 0; send at least one token per sequence")
     if length > limits.max_seq_len:
         raise _too_large(f"sequences have {length} tokens; at most {limits.max_seq_len} are accepted")
+    tokens = _decode(msg, "tokens", shape)
     _check_token_ids(tokens, "tokens", limits)
     _check_reply_size(n, length, request.last_only, limits)
     return ScoreInputs(tokens, width, request.last_only, request_id)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
 #   bash bench/gpu_suite.sh tests lm vision
-# Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation).
+# Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation),
+# eval (the shipped checkpoints), cloud (serving benchmark).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -68,6 +69,11 @@ for phase in "$@"; do
     tests) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
     lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
     vision) run_task vision 192 96 48 24 -- "${VISION[@]}" ;;
+    eval)  # the shipped checkpoints: every level, untrained uniform widths, a Mix'n'Match sweep
+      for ckpt in matmamba-vision-fmnist matmamba-lm-austen; do
+        python3 -m matmamba.eval --checkpoint "checkpoints/$ckpt" --out "runs/eval-$ckpt" > "$OUT/eval-$ckpt.log" 2>&1
+        cp "runs/eval-$ckpt/eval.json" "$OUT/eval-$ckpt.json"
+      done ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

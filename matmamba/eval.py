@@ -29,6 +29,15 @@ from .pretrained import load_model
 DEFAULT_MIXNMATCH = 24
 
 
+def interpolated_specs(model) -> list[tuple[int, ...]]:
+    """Uniform specs at widths between the trained ones (never trained themselves), one per gap midpoint."""
+    cfg = model.config
+    trained = sorted({cfg.block.width_for_level(k) for k in cfg.block.levels})
+    q = cfg.block.width_quantum
+    mids = {(lo + hi) // 2 // q * q for lo, hi in zip(trained, trained[1:])}
+    return [(w,) * cfg.n_layer for w in sorted(mids - set(trained)) if w >= q]
+
+
 def mixnmatch_specs(model, count: int, seed: int = 0) -> list[tuple[int, ...]]:
     """`count` distinct per-layer width specs drawn from the trained widths (uniform specs excluded)."""
     cfg = model.config
@@ -81,8 +90,9 @@ def evaluate(checkpoint: Path, device: torch.device, split: str, n_mixnmatch: in
     else:
         anchors = [(cfg.block.width_for_level(k),) * cfg.n_layer for k in sorted(cfg.block.levels)]
     sweep = [] if width is not None else mixnmatch_specs(model, n_mixnmatch)
+    between = [] if width is not None else interpolated_specs(model)
     rows = []
-    for kind, specs in (("level", anchors), ("mixnmatch", sweep)):
+    for kind, specs in (("level", anchors), ("interpolated", between), ("mixnmatch", sweep)):
         for spec in tqdm(specs, desc=f"eval {kind}", unit="spec"):
             rows.append({"kind": kind, **run(spec)})
     return {"checkpoint": str(checkpoint), "fingerprint": model.fingerprint, "data": run.data,
@@ -112,9 +122,14 @@ def pareto_plot(result: dict[str, Any], path: Path, baselines: dict[int, float] 
     metric = "loss" if result["task"] == "matmamba-lm" else "accuracy"
     levels = sorted((r for r in result["rows"] if r["kind"] == "level"), key=lambda r: r["params"])
     mix = [r for r in result["rows"] if r["kind"] == "mixnmatch"]
+    between = [r for r in result["rows"] if r["kind"] == "interpolated"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.plot([r["params"] for r in levels], [r[metric] for r in levels], "o-", label="trained levels (uniform)")
-    ax.scatter([r["params"] for r in mix], [r[metric] for r in mix], s=18, c="tab:orange", label="Mix'n'Match")
+    ax.scatter([r["params"] for r in mix], [r[metric] for r in mix], s=18, c="tab:orange",
+               label="Mix'n'Match (random per-layer)")
+    if between:
+        ax.scatter([r["params"] for r in between], [r[metric] for r in between], marker="D", s=36, c="tab:green",
+                   label="untrained uniform widths")
     if baselines:
         ax.scatter(list(baselines), list(baselines.values()), marker="x", s=60, c="k",
                    label="independent baselines")

@@ -74,6 +74,7 @@ for phase in "$@"; do
         python3 -m matmamba.eval --checkpoint "checkpoints/$ckpt" --out "runs/eval-$ckpt" > "$OUT/eval-$ckpt.log" 2>&1
         cp "runs/eval-$ckpt/eval.json" "$OUT/eval-$ckpt.json"
       done ;;
+    cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -25,6 +25,7 @@ The router at the edge reuses this module, which is why it must never import tor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +41,8 @@ IMAGE_DTYPES = (pb.UINT8, pb.FLOAT32)
 # How many times the trained image side a request may send (the model runs at any
 # multiple of the patch size; this bounds the work one request can ask for).
 DEFAULT_MAX_IMAGE_SCALE = 4
+
+Encoder = Callable[[str], Sequence[int]]  # a tokenizer's encode: text -> token ids
 
 
 class RequestError(Exception):
@@ -307,7 +310,7 @@ def _max_tokens(request: pb.GenerateRequest, limits: ModelLimits) -> int:
     return request.max_tokens or limits.default_max_tokens
 
 
-def _prompt_ids(request: pb.GenerateRequest, encode) -> np.ndarray:
+def _prompt_ids(request: pb.GenerateRequest, encode: Encoder | None) -> np.ndarray:
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise _invalid("the prompt is missing: set either text or token_ids")
@@ -326,7 +329,8 @@ def _prompt_ids(request: pb.GenerateRequest, encode) -> np.ndarray:
     return np.asarray(request.token_ids.ids, dtype=np.int64)
 
 
-def validate_generate(request: pb.GenerateRequest, limits: ModelLimits, encode=None) -> GenerateInputs:
+def validate_generate(request: pb.GenerateRequest, limits: ModelLimits,
+                      encode: Encoder | None = None) -> GenerateInputs:
     """GenerateRequest -> prompt ids (L,), sampling parameters, width, request id.
 
     ``encode`` (text -> list of ids) tokenizes a text prompt; None refuses text prompts.

@@ -1,0 +1,169 @@
+"""Generation split between the edge and the cloud, segment by segment.
+
+The edge generates ``k`` tokens at a time (``--segment-tokens``, default 8). A segment whose
+confidence (the LM measure of the thresholds in force, e.g. its mean token log-probability) is
+at or above the threshold is streamed as tier EDGE. A segment below it is discarded and the
+cloud is asked to continue from the prompt plus the tokens accepted so far (cloud ``Generate``
+with ``token_ids`` and ``max_tokens = k``); its tokens stream as tier CLOUD as they arrive. The
+edge then continues from the new context (its state re-read from the accepted tokens).
+
+When no cloud replica answers in time the discarded edge segment is kept after all and marked
+``degraded``; when a cloud stream breaks after some tokens, those stay and the edge generates the
+rest of the segment, marked ``degraded``. Text is decoded incrementally over all generated
+tokens, so a character split between tokens (or tiers) is never broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from edge.results import SegmentOutput, SegmentRequest
+from proto import matmamba_pb2 as pb
+from proto.validate import GenerateInputs, RequestError, validate_generate
+
+from .confidence import confidence
+from .core import RouterCore, ThrottledWarning, new_request_id, record_items, served_by
+from .escalation import EscalationError
+
+# What a partial UTF-8 character decodes to; text ending in it waits for the token completing it.
+REPLACEMENT_CHAR = "\ufffd"
+_warn_degraded = ThrottledWarning()
+
+
+class IncrementalText:
+    """Text of a growing token list, handed out piece by piece without splitting a character."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode, self._ids, self._emitted = decode, [], ""
+
+    def push(self, tokens: Sequence[int]) -> str:
+        """Add tokens; return the new text they complete ("" while a character is unfinished)."""
+        self._ids.extend(tokens)
+        text = self._decode(self._ids)
+        return "" if text.endswith(REPLACEMENT_CHAR) else self._advance(text)
+
+    def flush(self) -> str:
+        """Whatever text is left (call once, at the end)."""
+        return self._advance(self._decode(self._ids)) if self._ids else ""
+
+    def _advance(self, text: str) -> str:
+        piece = text[len(self._emitted):]  # a decoder that rewrote earlier text still only adds its tail
+        self._emitted = text
+        return piece
+
+
+class SegmentedGeneration:
+    """One Generate call: the loop of edge segments, escalations and chunks."""
+
+    def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
+        self.core, self.inputs, self.request_id = core, inputs, request_id
+        self.policy = core.thresholds.current  # one policy for the whole generation
+        self.context: list[int] = inputs.prompt_ids.tolist()
+        self.produced = 0
+        self.finish = pb.FINISH_REASON_UNSPECIFIED
+        self.text = IncrementalText(core.tokenizer.decode) if core.tokenizer is not None else None
+        self.session = new_request_id()
+        self.worker = core.edge.pick()  # one worker for the whole generation: it keeps the recurrent state
+        self.last: pb.ServedBy | None = None
+
+    def _segment_request(self, max_new: int) -> SegmentRequest:
+        i = self.inputs
+        return SegmentRequest(self.session, np.asarray(self.context, dtype=np.int64), max_new, i.temperature,
+                              i.top_k, i.top_p, i.seed, i.width)
+
+    async def _edge_segment(self, max_new: int) -> SegmentOutput:
+        return await self.core.edge.generate_segment(self._segment_request(max_new), self.worker)
+
+    def _served(self, tier: int, conf: float, seg: SegmentOutput, **extra) -> pb.ServedBy:
+        return served_by(self.core, self.policy, tier=tier, conf=conf, edge_ms=seg.compute_ms,
+                         width=self.inputs.width, batch_size=1, request_id=self.request_id, **extra)
+
+    def _accept(self, tokens: Sequence[int], logprobs: Sequence[float], served: pb.ServedBy) -> pb.GenerateChunk:
+        """Append tokens to the generation and make their chunk."""
+        self.context.extend(tokens)
+        self.produced += len(tokens)
+        if self.core.info.eos_id >= 0 and self.core.info.eos_id in tokens:
+            self.finish = pb.FINISH_REASON_EOS
+        self.last = served
+        record_items(self.core, "Generate", [served])
+        text = self.text.push(tokens) if self.text is not None else ""
+        return pb.GenerateChunk(token_ids=tokens, text=text, logprobs=logprobs, served_by=served)
+
+    async def chunks(self) -> AsyncIterator[pb.GenerateChunk]:
+        """The stream: chunks of accepted tokens, then a last chunk with the finish reason."""
+        try:
+            while self.produced < self.inputs.max_tokens and self.finish == pb.FINISH_REASON_UNSPECIFIED:
+                k = min(self.core.segment_tokens, self.inputs.max_tokens - self.produced)
+                seg = await self._edge_segment(k)
+                conf = float(confidence(self.policy.measure, np.asarray([seg.logprobs]))[0])
+                escalate = conf < self.policy.threshold
+                self.core.metrics.record_decisions("Generate", self.policy.measure, np.array([conf]),
+                                                   np.array([escalate]))
+                if not escalate:
+                    yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg))
+                    continue
+                async for chunk in self._cloud_segment(seg, conf, k):
+                    yield chunk
+            yield self._final()
+        finally:
+            self.core.edge.end_session(self.worker, self.session)
+
+    def _final(self) -> pb.GenerateChunk:
+        finish = self.finish or pb.FINISH_REASON_LENGTH
+        served = pb.ServedBy()
+        if self.last is not None:
+            served.CopyFrom(self.last)
+        return pb.GenerateChunk(text=self.text.flush() if self.text is not None else "", served_by=served,
+                                finish_reason=finish)
+
+    def _cloud_request(self, k: int) -> pb.GenerateRequest:
+        i = self.inputs
+        seed = None if i.seed is None else i.seed + len(self.context)
+        return pb.GenerateRequest(token_ids=pb.TokenIds(ids=self.context), max_tokens=k, temperature=i.temperature,
+                                  top_k=i.top_k, top_p=i.top_p, seed=seed, request_id=self.request_id)
+
+    async def _cloud_segment(self, seg: SegmentOutput, conf: float, k: int) -> AsyncIterator[pb.GenerateChunk]:
+        """Stream the cloud's continuation of the context (k tokens), or fall back to the edge (degraded)."""
+        got = 0
+        try:
+            async for chunk, replica, ms in self.core.cloud.stream("Generate", self._cloud_request(k)):
+                tokens = list(chunk.token_ids)[:k - got]
+                if not tokens:
+                    continue
+                got += len(tokens)
+                served = self._served(pb.CLOUD, conf, seg, cloud_ms=ms, replica=replica)
+                served.width, served.level = chunk.served_by.width, chunk.served_by.level
+                yield self._accept(tokens, list(chunk.logprobs)[:len(tokens)], served)
+            if got == 0:
+                raise EscalationError("the cloud's continuation held no tokens")
+        except EscalationError as err:
+            async for chunk in self._degraded(seg, conf, k - got, err):
+                yield chunk
+
+    async def _degraded(self, seg: SegmentOutput, conf: float, missing: int,
+                        err: EscalationError) -> AsyncIterator[pb.GenerateChunk]:
+        """Fill ``missing`` tokens of a segment from the edge, marked degraded."""
+        _warn_degraded("generation %s: keeping edge tokens (degraded): %s", self.request_id, err.reason)
+        if missing <= 0 or self.finish != pb.FINISH_REASON_UNSPECIFIED:
+            return
+        if missing < len(seg.tokens) or err.partial:  # the context moved on: generate the rest anew
+            seg = await self._edge_segment(missing)
+        yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg, degraded=True))
+
+
+def _encoder(core: RouterCore) -> Callable[[str], list[int]] | None:
+    return core.tokenizer.encode if core.tokenizer is not None else None
+
+
+async def generate_chunks(core: RouterCore, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
+    """Validate a GenerateRequest and stream its chunks (FAILED_PRECONDITION on a vision router)."""
+    if core.info.task != "lm":
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"Generate needs an LM checkpoint; this router runs a {core.limits.task_name} checkpoint")
+    inputs = validate_generate(request, core.limits, encode=_encoder(core))
+    generation = SegmentedGeneration(core, inputs, inputs.request_id or new_request_id())
+    async for chunk in generation.chunks():
+        yield chunk

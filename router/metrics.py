@@ -1,0 +1,142 @@
+"""Prometheus metrics of the router, in their own registry, served at http://HOST:PORT/metrics.
+
+All names start with ``router_``. Labels: ``method`` is Classify, Score or Generate; ``tier`` is
+``edge``, ``cloud``, ``mixed`` (items of one request answered by both) or ``none`` (an error).
+
+| metric | type | labels | meaning |
+| --- | --- | --- | --- |
+| ``router_requests_total`` | counter | method, tier, code | finished RPCs by gRPC status code name |
+| ``router_items_total`` | counter | method, tier, degraded | answered items (images, sequences, generation segments) |
+| ``router_escalations_total`` | counter | method | items whose confidence was below the threshold |
+| ``router_escalation_rate`` | gauge | method | fraction escalated over the last ``WINDOW`` routing decisions |
+| ``router_degraded_total`` | counter | method | escalations answered by the edge (no replica answered in time) |
+| ``router_confidence`` | histogram | method, measure | edge confidence of every item |
+| ``router_edge_seconds`` | histogram | method | edge time per item (``ServedBy.edge_ms``: micro-batch wait + compute) |
+| ``router_cloud_seconds`` | histogram | method | cloud round trip per escalation (``ServedBy.cloud_ms``) |
+| ``router_request_seconds`` | histogram | method | whole RPC as the router saw it |
+| ``router_inflight_requests`` | gauge | method | RPCs being handled |
+| ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
+| ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
+| ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from wsgiref.simple_server import WSGIServer
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from .thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+
+# Routing decisions the escalation-rate gauge looks back over (per method).
+WINDOW = 1000
+# Replica states (router/escalation.py ReplicaState values), one gauge series each.
+REPLICA_STATES = ("unknown", "healthy", "unhealthy", "open", "half_open", "mismatch")
+# Confidence buckets: log-probabilities (LM measures, neg_entropy) below 0, probabilities in [0, 1].
+CONFIDENCE_BUCKETS = (-10.0, -6.0, -5.0, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, -0.25, -0.1, 0.0,
+                      0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+# Latency buckets from 0.25 ms (a cached edge answer) to 10 s (a long generation).
+SECONDS_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
+
+
+class EscalationWindow:
+    """Fraction of escalations among the last ``size`` routing decisions."""
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self._decisions: deque[bool] = deque(maxlen=size)
+        self._escalated = 0
+
+    def add(self, escalated: bool) -> None:
+        if len(self._decisions) == self._decisions.maxlen and self._decisions[0]:
+            self._escalated -= 1
+        self._decisions.append(escalated)
+        self._escalated += int(escalated)
+
+    @property
+    def rate(self) -> float:
+        return self._escalated / len(self._decisions) if self._decisions else 0.0
+
+
+class RouterMetrics:
+    """The router's metrics; ``serve(host, port)`` exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("router_requests", "Finished RPCs.", ["method", "tier", "code"], registry=r)
+        self.items = Counter("router_items", "Answered items.", ["method", "tier", "degraded"], registry=r)
+        self.escalations = Counter("router_escalations", "Items below the confidence threshold.", ["method"],
+                                   registry=r)
+        self.escalation_rate = Gauge("router_escalation_rate", f"Escalated fraction of the last {WINDOW} decisions.",
+                                     ["method"], registry=r)
+        self.degraded = Counter("router_degraded", "Escalations answered by the edge (cloud down or late).",
+                                ["method"], registry=r)
+        self.confidence = Histogram("router_confidence", "Edge confidence per item.", ["method", "measure"],
+                                    buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.edge_seconds = Histogram("router_edge_seconds", "Edge time per item (batch wait + compute).",
+                                      ["method"], buckets=SECONDS_BUCKETS, registry=r)
+        self.cloud_seconds = Histogram("router_cloud_seconds", "Cloud round trip per escalation.", ["method"],
+                                       buckets=SECONDS_BUCKETS, registry=r)
+        self.request_seconds = Histogram("router_request_seconds", "Whole RPC as seen by the router.", ["method"],
+                                         buckets=SECONDS_BUCKETS, registry=r)
+        self.inflight = Gauge("router_inflight_requests", "RPCs being handled.", ["method"], registry=r)
+        self.replica_state = Gauge("router_replica_state", "1 for the replica's current state.", ["replica", "state"],
+                                   registry=r)
+        self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
+                                         ["replica"], registry=r)
+        self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
+        self._windows: dict[str, EscalationWindow] = {}
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def record_decisions(self, method: str, measure: str, conf: np.ndarray, escalated: np.ndarray) -> None:
+        """One routing decision per item: confidence histogram, escalation counter and sliding rate."""
+        window = self._windows.setdefault(method, EscalationWindow())
+        histogram = self.confidence.labels(method=method, measure=measure)
+        for value, up in zip(conf.tolist(), escalated.tolist()):
+            histogram.observe(value)
+            window.add(bool(up))
+        count = int(np.count_nonzero(escalated))
+        if count:
+            self.escalations.labels(method=method).inc(count)
+        self.escalation_rate.labels(method=method).set(window.rate)
+
+    def record_item(self, method: str, tier: str, degraded: bool, edge_ms: float, cloud_ms: float) -> None:
+        """One answered item and its timings."""
+        self.items.labels(method=method, tier=tier, degraded=str(degraded).lower()).inc()
+        if degraded:
+            self.degraded.labels(method=method).inc()
+        if edge_ms:
+            self.edge_seconds.labels(method=method).observe(edge_ms / 1e3)
+        if cloud_ms:
+            self.cloud_seconds.labels(method=method).observe(cloud_ms / 1e3)
+
+    def set_replica_state(self, replica: str, state: str) -> None:
+        """Set ``router_replica_state`` of ``replica``: 1 for ``state``, 0 for the others."""
+        for name in REPLICA_STATES:
+            self.replica_state.labels(replica=replica, state=name).set(1.0 if name == state else 0.0)
+
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """Publish the policy in force as ``router_thresholds_info``."""
+        self.thresholds.info({"measure": thresholds.measure, "threshold": repr(thresholds.threshold),
+                              "version": thresholds.version, "is_default": str(thresholds.is_default).lower(),
+                              "path": thresholds.path})
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint in a daemon thread; returns the bound port (0 = any free port)."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics at http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

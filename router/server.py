@@ -1,0 +1,270 @@
+"""The router process: edge workers on Ray, the edge-facing gRPC server, health, metrics, shutdown.
+
+    python -m router --checkpoint checkpoints/matmamba-vision-fmnist --edge-level 4 \\
+        --cloud 127.0.0.1:50051 --port 50052 --metrics-port 9100
+
+Start-up: the edge actors load and warm up, the thresholds file is validated against the
+checkpoint, every cloud replica is health-checked and its fingerprint compared once, then the
+port opens with health SERVING. Health services: ``""`` and ``matmamba.v1.Inference`` (the
+router answers, from the edge at least) and ``matmamba.v1.Inference/cloud`` (SERVING while some
+replica with the router's checkpoint can take escalations; NOT_SERVING otherwise, reason in the
+log and in ``router_replica_state``). SIGTERM / SIGINT: health NOT_SERVING, new RPCs refused,
+in-flight RPCs drain for up to ``--grace`` seconds, actors are stopped, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from edge.results import EdgeInfo
+from proto import matmamba_pb2 as pb
+from proto import matmamba_pb2_grpc as pb_grpc
+from proto.validate import ModelLimits
+
+from .admin import AdminServicer
+from .core import RouterCore
+from .edge_pool import EdgePool, EdgeSettings
+from .escalation import EscalationSettings, Replica, ReplicaPool
+from .metrics import RouterMetrics
+from .service import RouterServicer
+from .thresholds import ThresholdsError, ThresholdStore
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "matmamba.v1.Inference"
+CLOUD_HEALTH_SERVICE = f"{INFERENCE_SERVICE}/cloud"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything ``python -m router`` takes (router/__main__.py documents each flag)."""
+
+    checkpoint: Path
+    edge_level: int
+    cloud: tuple[str, ...]  # cloud replica addresses, host:port
+    host: str = "127.0.0.1"
+    port: int = 50052  # 0 = any free port (RouterServer.port)
+    metrics_port: int | None = 9100  # None = no /metrics endpoint; 0 = any free port
+    thresholds: Path | None = None  # None = the documented default of the task
+    deadline_ms: float = 500.0
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    segment_tokens: int = 8
+    health_interval_ms: float = 1000.0
+    breaker_failures: int = 3
+    breaker_cooldown_ms: float = 5000.0
+    edge_cpus: int = 1
+    edge_gpus: int | None = None
+    max_tokens: int = 512
+    default_max_tokens: int = 64
+    max_seq_len: int = 2048
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.grace_s < 0:
+            raise ValueError("--max-wait-ms and --grace must be >= 0")
+        bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
+        if bad:
+            raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
+        self.escalation()  # validates the escalation flags
+
+    def escalation(self) -> EscalationSettings:
+        """The escalation knobs of this config (validated)."""
+        return EscalationSettings(deadline_s=self.deadline_ms / 1e3, breaker_failures=self.breaker_failures,
+                                  breaker_cooldown_s=self.breaker_cooldown_ms / 1e3,
+                                  health_interval_s=self.health_interval_ms / 1e3)
+
+    def edge(self) -> EdgeSettings:
+        """How to run the edge workers."""
+        return EdgeSettings(self.checkpoint, self.edge_level, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
+                            cpus=self.edge_cpus, gpus=self.edge_gpus)
+
+
+def _limits(config: RouterConfig, info: EdgeInfo) -> ModelLimits:
+    """What the router accepts: the edge model's widths and inputs, at most --max-batch items per request."""
+    if info.task == "vision":
+        return ModelLimits.vision(num_classes=info.num_classes, channels=info.channels, image_size=info.image_size,
+                                  patch_size=info.patch_size, supported_widths=info.widths,
+                                  default_width=info.edge_width, max_batch=config.max_batch)
+    return ModelLimits.lm(vocab_size=info.vocab_size, supported_widths=info.widths, default_width=info.edge_width,
+                          max_batch=config.max_batch, max_seq_len=config.max_seq_len, max_tokens=config.max_tokens,
+                          default_max_tokens=config.default_max_tokens)
+
+
+def _tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizer (text prompts and streamed text), or None when it has none."""
+    from matmamba.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(checkpoint)
+    except FileNotFoundError:
+        log.warning("%s has no tokenizer: Generate accepts token_ids prompts only and streams no text", checkpoint)
+        return None
+
+
+class RouterServer:
+    """One router. Ray must be initialised (router.ray_setup.init_ray) before ``await start()``."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.health = health_aio.HealthServicer()
+        self.edge = EdgePool(config.edge())
+        self.core: RouterCore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Edge actors, thresholds, cloud replicas, then the gRPC port (health SERVING)."""
+        cfg = self.config
+        info = await self.edge.start()
+        try:
+            store = ThresholdStore(task=info.task, fingerprint=info.fingerprint, edge_level=cfg.edge_level,
+                                   path=cfg.thresholds)
+        except ThresholdsError as err:
+            await self.edge.close()
+            raise ValueError(f"--thresholds: {err.message}") from None
+        self.metrics.set_thresholds(store.current)
+        cloud = ReplicaPool(cfg.cloud, fingerprint=info.fingerprint, task=pb.VISION if info.task == "vision" else pb.LM,
+                            settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health)
+        for replica in cloud.replicas:
+            self.metrics.replica_outstanding.labels(replica=replica.address).set_function(
+                lambda r=replica: r.outstanding)
+        tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
+        self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
+                               cfg.segment_tokens)
+        await cloud.start()
+        self._bind()
+        await self.server.start()
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, SERVING)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info("router serving %s at edge level %d (width %d) on %s; cloud %s; thresholds %s %s (%s)", info.task,
+                 info.edge_level, info.edge_width, self.address, ",".join(cfg.cloud) or "(none)",
+                 store.current.measure, store.current.threshold, store.current.version)
+
+    def _bind(self) -> None:
+        size = 64 * MIB
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                   ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
+        self.server = grpc.aio.server(options=options)
+        assert self.core is not None
+        pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.core), self.server)
+        pb_grpc.add_RouterAdminServicer_to_server(AdminServicer(self.core.thresholds, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        target = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(target)
+        except RuntimeError as err:
+            raise OSError(f"cannot listen on {target} ({err}); is the port in use? pick another with --port") from None
+
+    def _replica_changed(self, replica: Replica) -> None:
+        self.metrics.set_replica_state(replica.address, replica.state.value)
+
+    async def _cloud_health(self) -> None:
+        assert self.core is not None
+        await self.health.set(CLOUD_HEALTH_SERVICE, SERVING if self.core.cloud.available else NOT_SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, drain in-flight ones for up to ``grace`` s, stop the actors."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            log.info("draining in-flight requests (up to %.1f s)", grace)
+            await self.server.stop(grace)
+        if self.core is not None:
+            await self.core.cloud.close()
+        await self.edge.close()
+        self.metrics.close()
+        log.info("router stopped")
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run a router until SIGTERM or SIGINT, then drain and return."""
+    server = RouterServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await stop.wait()
+    log.info("signal received: draining")
+    await server.stop()
+
+
+class RouterThread:
+    """A RouterServer on its own event loop in a daemon thread (tests, benchmarks, notebooks).
+
+    Ray must be initialised in this process first. ``start()`` returns once the router serves.
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.server = RouterServer(config)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._grace = 1.0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="router", daemon=True)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            await self.server.start()
+        except BaseException as err:  # handed to the starting thread
+            self._error = err
+            self._ready.set()
+            await self.server.stop(0)
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop(self._grace)
+
+    def begin(self) -> None:
+        """Start the router's thread without waiting (start several routers at once, then ``wait``)."""
+        self._thread.start()
+
+    def wait(self, timeout_s: float = 300.0) -> RouterServer:
+        """Wait until the router serves; re-raises its start-up error."""
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"the router did not start within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        return self.server
+
+    def start(self, timeout_s: float = 300.0) -> RouterServer:
+        """``begin`` then ``wait``."""
+        self.begin()
+        return self.wait(timeout_s)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Drain (up to ``grace_s``) and stop the router; returns when its thread ended."""
+        self._grace = grace_s
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=grace_s + 30)

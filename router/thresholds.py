@@ -1,0 +1,219 @@
+"""The router's confidence policy: which measure, which threshold, from a validated JSON file.
+
+A thresholds file (``python -m router.tune`` writes one; any JSON object with these keys works)::
+
+    {
+      "measure": "max_softmax",            # required: a measure of router/confidence.py for this task
+      "threshold": 0.8,                    # required: escalate when confidence < threshold
+      "checkpoint_fingerprint": "4be7...", # recommended: sha256 of the checkpoint it was tuned on
+      "edge_level": 4,                     # optional: the edge nesting level it was tuned for
+      "version": "2026-11-24.1",           # optional: default = sha256 of the file's bytes
+      "target_escalation": 0.2             # optional: the escalation rate it was tuned for, in [0, 1]
+    }
+
+Other keys are kept out of the policy and ignored (tuning reports may add their own).
+A file is refused, and the thresholds in force stay, when it is missing (NOT_FOUND), not a
+valid thresholds file or names a measure of another task (INVALID_ARGUMENT), or was tuned
+for another checkpoint fingerprint or edge level (FAILED_PRECONDITION).
+
+Without a file the router uses the documented default of its task (:data:`DEFAULTS`):
+vision ``max_softmax >= 0.8``, language model ``mean_token_logprob >= -4.0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from proto import matmamba_pb2 as pb
+
+from .confidence import LM, VISION, get_measure
+
+log = logging.getLogger(__name__)
+
+# Built-in policy per task when no thresholds file is given (see docs/ROUTER.md for how they were chosen).
+DEFAULTS: dict[str, tuple[str, float]] = {
+    VISION: ("max_softmax", 0.8),
+    LM: ("mean_token_logprob", -4.0),
+}
+DEFAULT_VERSION = "default"
+FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+# A thresholds file is a few hundred bytes; anything far larger is not one.
+MAX_FILE_BYTES = 1 << 20
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file the router refuses, with the gRPC status RouterAdmin answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(path: str, why: str) -> ThresholdsError:
+    return ThresholdsError(grpc.StatusCode.INVALID_ARGUMENT, f"{path} is not a valid thresholds file: {why}")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The policy in force: escalate an item when its confidence under ``measure`` is below ``threshold``."""
+
+    measure: str
+    threshold: float
+    version: str
+    path: str = ""  # file it came from; "" for the built-in default
+    is_default: bool = False
+    target_escalation: float = 0.0  # 0 = unknown
+    edge_level: int = 0  # 0 = unknown
+    checkpoint_fingerprint: str = ""  # "" = unknown
+    loaded_unix_ms: int = 0
+
+    def to_proto(self) -> pb.Thresholds:
+        """The RouterAdmin message of this policy."""
+        return pb.Thresholds(version=self.version, measure=self.measure, threshold=self.threshold, path=self.path,
+                             is_default=self.is_default, target_escalation=self.target_escalation,
+                             edge_level=self.edge_level, checkpoint_sha256=self.checkpoint_fingerprint,
+                             loaded_unix_ms=self.loaded_unix_ms)
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """The JSON object of a thresholds file holding this policy."""
+        data: dict[str, Any] = {"measure": self.measure, "threshold": self.threshold, "version": self.version}
+        if self.checkpoint_fingerprint:
+            data["checkpoint_fingerprint"] = self.checkpoint_fingerprint
+        if self.edge_level:
+            data["edge_level"] = self.edge_level
+        if self.target_escalation:
+            data["target_escalation"] = self.target_escalation
+        return data
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def default_thresholds(task: str) -> Thresholds:
+    """The built-in policy of ``task`` ("vision" or "lm")."""
+    measure, threshold = DEFAULTS[task]
+    return Thresholds(measure, threshold, DEFAULT_VERSION, is_default=True, loaded_unix_ms=_now_ms())
+
+
+def _number(data: dict[str, Any], key: str, path: str, *, required: bool) -> float | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise _invalid(path, f'"{key}" is missing; expected a number')
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid(path, f'"{key}" must be a finite number, got {value!r}')
+    return float(value)
+
+
+def _measure_and_threshold(data: dict[str, Any], path: str, task: str) -> tuple[str, float]:
+    name = data.get("measure")
+    if not isinstance(name, str):
+        raise _invalid(path, f'"measure" must be a string naming a confidence measure, got {name!r}')
+    try:
+        measure = get_measure(name, task)
+    except ValueError as err:
+        raise _invalid(path, str(err)) from None
+    threshold = _number(data, "threshold", path, required=True)
+    assert threshold is not None
+    if not measure.low <= threshold <= measure.high:
+        raise _invalid(path, f"threshold {threshold} is outside the range of {measure.name}, "
+                             f"[{measure.low}, {measure.high}]")
+    return measure.name, threshold
+
+
+def _check_origin(data: dict[str, Any], path: str, fingerprint: str, edge_level: int) -> tuple[str, int]:
+    """The file's checkpoint fingerprint and edge level, refused when they are not this router's."""
+    tuned_on = data.get("checkpoint_fingerprint", "")
+    if not isinstance(tuned_on, str) or (tuned_on and not FINGERPRINT.match(tuned_on)):
+        raise _invalid(path, f'"checkpoint_fingerprint" must be 64 lowercase hex characters, got {tuned_on!r}')
+    if tuned_on and fingerprint and tuned_on != fingerprint:
+        raise ThresholdsError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{path} was tuned for checkpoint {tuned_on[:12]}..., but this router runs "
+                              f"{fingerprint[:12]}...; tune a new file for this checkpoint (python -m router.tune)")
+    if not tuned_on:
+        log.warning("%s names no checkpoint_fingerprint; it cannot be checked against this checkpoint", path)
+    level = data.get("edge_level", 0)
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise _invalid(path, f'"edge_level" must be a positive integer, got {level!r}')
+    if level and edge_level and level != edge_level:
+        raise ThresholdsError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{path} was tuned for edge level {level}, but this router runs level {edge_level}; "
+                              f"start the router with --edge-level {level} or tune a file for level {edge_level}")
+    return tuned_on, level
+
+
+def parse_thresholds(raw: bytes, *, path: str, task: str, fingerprint: str = "", edge_level: int = 0) -> Thresholds:
+    """Validate the bytes of a thresholds file for a router running ``task`` on checkpoint ``fingerprint``."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _invalid(path, f"not UTF-8 JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise _invalid(path, f"expected a JSON object, got {type(data).__name__}")
+    measure, threshold = _measure_and_threshold(data, path, task)
+    tuned_on, level = _check_origin(data, path, fingerprint, edge_level)
+    target = _number(data, "target_escalation", path, required=False) or 0.0
+    if not 0.0 <= target <= 1.0:
+        raise _invalid(path, f'"target_escalation" must be in [0, 1], got {target}')
+    version = data.get("version") or hashlib.sha256(raw).hexdigest()
+    if not isinstance(version, str):
+        raise _invalid(path, f'"version" must be a string, got {version!r}')
+    return Thresholds(measure, threshold, version, path=path, target_escalation=target, edge_level=level,
+                      checkpoint_fingerprint=tuned_on, loaded_unix_ms=_now_ms())
+
+
+def load_thresholds(path: str | Path, *, task: str, fingerprint: str = "", edge_level: int = 0) -> Thresholds:
+    """Read and validate a thresholds file; ThresholdsError (with its gRPC code) when refused."""
+    file = Path(path)
+    if not file.is_file():
+        raise ThresholdsError(grpc.StatusCode.NOT_FOUND, f"thresholds file {file} does not exist (or is not a file)")
+    if file.stat().st_size > MAX_FILE_BYTES:
+        raise _invalid(str(file), f"{file.stat().st_size:,} bytes; a thresholds file is a small JSON object")
+    return parse_thresholds(file.read_bytes(), path=str(file.resolve()), task=task, fingerprint=fingerprint,
+                            edge_level=edge_level)
+
+
+def write_thresholds(path: str | Path, thresholds: Thresholds) -> None:
+    """Write ``thresholds`` as a thresholds file (what ``python -m router.tune --out`` produces)."""
+    Path(path).write_text(json.dumps(thresholds.to_file_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+class ThresholdStore:
+    """The thresholds in force, and reloading them without ever leaving a bad policy in place."""
+
+    def __init__(self, *, task: str, fingerprint: str, edge_level: int, path: str | Path | None = None) -> None:
+        self.task, self.fingerprint, self.edge_level = task, fingerprint, edge_level
+        self.initial_path = str(path) if path else ""
+        self.current = self._load(self.initial_path) if path else default_thresholds(task)
+
+    def _load(self, path: str) -> Thresholds:
+        return load_thresholds(path, task=self.task, fingerprint=self.fingerprint, edge_level=self.edge_level)
+
+    def reload(self, path: str = "") -> tuple[Thresholds, Thresholds]:
+        """Load ``path`` (or the start-up file when empty) and put it in force; returns (new, previous).
+
+        On any ThresholdsError the thresholds in force stay unchanged.
+        """
+        path = path or self.initial_path
+        if not path:
+            raise ThresholdsError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  "the router was started without --thresholds, so there is no file to re-read; "
+                                  "give the path of a thresholds file")
+        previous, loaded = self.current, self._load(path)
+        self.current = loaded
+        log.info("thresholds now %s %s (version %s, from %s; was %s %s)", loaded.measure, loaded.threshold,
+                 loaded.version, loaded.path, previous.measure, previous.threshold)
+        return loaded, previous

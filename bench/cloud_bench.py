@@ -263,7 +263,7 @@ def served_latency(address: str, plan: Plan) -> list[float]:
 def environment(device: str) -> dict[str, str]:
     import torch
 
-    from cloud.runner import describe_device, resolve_device
+    from matmamba.devices import describe_device, resolve_device
 
     return {"device": describe_device(resolve_device(device)), "torch": torch.__version__, "grpc": grpc.__version__,
             "python": platform.python_version(), "cpus": str(os.cpu_count())}

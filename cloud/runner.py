@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import matmamba
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
+from matmamba.devices import describe_device, resolve_device
 from proto import matmamba_pb2 as pb
 from proto.validate import GenerateInputs, ModelLimits
 
@@ -58,22 +59,6 @@ class VisionPreprocess:
         return cls((FMNIST_MEAN,) * c, (FMNIST_STD,) * c, FMNIST_CLASSES if fmnist else ())
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error the operator can fix."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return resolved
-
-
-def describe_device(device: torch.device) -> str:
-    """E.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"."""
-    if device.type != "cuda":
-        return str(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def served_widths(config, max_width: int) -> tuple[int, ...]:

@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 import matmamba
+from matmamba.devices import describe_device
 from proto import matmamba_pb2 as pb
 
 from .metrics import CloudMetrics
-from .runner import ModelRunner, describe_device
+from .runner import ModelRunner
 from .servicer import CloudServicer, add_to_server
 
 log = logging.getLogger(__name__)

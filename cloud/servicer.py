@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 import matmamba
+from matmamba.devices import describe_device
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 from proto.tensors import to_tensor_msg
@@ -29,7 +30,7 @@ from proto.validate import RequestError, validate_classify, validate_generate, v
 from .batcher import BatchKey, BatchResult, DynamicBatcher
 from .generation import GenerationPool, IncrementalDecoder
 from .metrics import CloudMetrics
-from .runner import ModelRunner, describe_device
+from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from matmamba import MatMambaLM, load_model
 from matmamba.backbone import InferenceCache
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
+from matmamba.devices import describe_device, resolve_device
 from matmamba.generation import SamplingParams, sample_next
 
 from .batching import MicroBatcher
@@ -50,21 +51,6 @@ DEFAULT_MAX_SESSIONS = 256
 WARMUP_TOKENS = 8
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> the visible GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return resolved
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type != "cuda":
-        return str(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 @dataclass

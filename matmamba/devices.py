@@ -1,0 +1,23 @@
+"""Choosing and naming the torch device, shared by the cloud service and the edge worker."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> the visible GPU when there is one, else the CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return resolved
+
+
+def describe_device(device: torch.device) -> str:
+    """E.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"

@@ -67,8 +67,26 @@ class Served:
                    s.edge_ms, s.cloud_ms, s.request_id, s.replica, s.width)
 
 
+class _ServedShortcuts:
+    """`tier`, `confidence` and `degraded` read straight from the item's `served` record."""
+
+    served: Served
+
+    @property
+    def tier(self) -> str:
+        return self.served.tier
+
+    @property
+    def confidence(self) -> float:
+        return self.served.confidence
+
+    @property
+    def degraded(self) -> bool:
+        return self.served.degraded
+
+
 @dataclass(frozen=True)
-class Prediction:
+class Prediction(_ServedShortcuts):
     """The answer for one image."""
 
     label: str  # class name ("" when the checkpoint has none)
@@ -77,21 +95,9 @@ class Prediction:
     served: Served
     latency_ms: float  # the whole request as this client saw it
 
-    @property
-    def tier(self) -> str:
-        return self.served.tier
-
-    @property
-    def confidence(self) -> float:
-        return self.served.confidence
-
-    @property
-    def degraded(self) -> bool:
-        return self.served.degraded
-
 
 @dataclass(frozen=True)
-class Chunk:
+class Chunk(_ServedShortcuts):
     """A piece of a generation; all its tokens come from one tier."""
 
     text: str
@@ -99,18 +105,6 @@ class Chunk:
     logprobs: tuple[float, ...]
     served: Served
     finish_reason: str | None  # "eos" or "length" on the last chunk, else None
-
-    @property
-    def tier(self) -> str:
-        return self.served.tier
-
-    @property
-    def confidence(self) -> float:
-        return self.served.confidence
-
-    @property
-    def degraded(self) -> bool:
-        return self.served.degraded
 
 
 @dataclass(frozen=True)

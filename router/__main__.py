@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation: tokens per edge segment judged and escalated as one (default %(default)s)")
     p.add_argument("--health-interval-ms", type=float, default=d.health_interval_ms,
                    help="between health checks of each cloud replica (default %(default)s)")
+    p.add_argument("--thresholds-poll-ms", type=float, default=d.thresholds_poll_ms,
+                   help="how often the --thresholds file is checked for changes; 0 = never (default %(default)s)")
     p.add_argument("--breaker-failures", type=int, default=d.breaker_failures,
                    help="consecutive failures that open a replica's circuit breaker (default %(default)s)")
     p.add_argument("--breaker-cooldown-ms", type=float, default=d.breaker_cooldown_ms,
@@ -66,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, thresholds=args.thresholds,
         deadline_ms=args.deadline_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         segment_tokens=args.segment_tokens, health_interval_ms=args.health_interval_ms,
+        thresholds_poll_ms=args.thresholds_poll_ms,
         breaker_failures=args.breaker_failures, breaker_cooldown_ms=args.breaker_cooldown_ms,
         edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace)
 

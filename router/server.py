@@ -63,6 +63,7 @@ class RouterConfig:
     max_wait_ms: float = 2.0
     segment_tokens: int = 8
     health_interval_ms: float = 1000.0
+    thresholds_poll_ms: float = 1000.0  # how often the thresholds file is checked for changes; 0 = never
     breaker_failures: int = 3
     breaker_cooldown_ms: float = 5000.0
     edge_cpus: int = 1
@@ -127,6 +128,7 @@ class RouterServer:
         self.edge = EdgePool(config.edge())
         self.core: RouterCore | None = None
         self.server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -160,6 +162,8 @@ class RouterServer:
             await self.health.set(service, SERVING)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.thresholds is not None and cfg.thresholds_poll_ms > 0:
+            self._watch = asyncio.create_task(self._watch_thresholds(store, cfg.thresholds_poll_ms / 1e3))
         log.info("router serving %s at edge level %d (width %d) on %s; cloud %s; thresholds %s %s (%s)", info.task,
                  info.edge_level, info.edge_width, self.address, ",".join(cfg.cloud) or "(none)",
                  store.current.measure, store.current.threshold, store.current.version)
@@ -179,6 +183,13 @@ class RouterServer:
         except RuntimeError as err:
             raise OSError(f"cannot listen on {target} ({err}); is the port in use? pick another with --port") from None
 
+    async def _watch_thresholds(self, store: ThresholdStore, interval_s: float) -> None:
+        """Put a changed thresholds file in force (a bad one is logged and the old thresholds stay)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if store.reload_if_changed() is not None:
+                self.metrics.set_thresholds(store.current)
+
     def _replica_changed(self, replica: Replica) -> None:
         self.metrics.set_replica_state(replica.address, replica.state.value)
 
@@ -189,6 +200,8 @@ class RouterServer:
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new RPCs, drain in-flight ones for up to ``grace`` s, stop the actors."""
         grace = self.config.grace_s if grace is None else grace
+        if self._watch is not None:
+            self._watch.cancel()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             log.info("draining in-flight requests (up to %.1f s)", grace)

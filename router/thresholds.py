@@ -197,6 +197,7 @@ class ThresholdStore:
     def __init__(self, *, task: str, fingerprint: str, edge_level: int, path: str | Path | None = None) -> None:
         self.task, self.fingerprint, self.edge_level = task, fingerprint, edge_level
         self.initial_path = str(path) if path else ""
+        self._stamp = self._file_stamp()
         self.current = self._load(self.initial_path) if path else default_thresholds(task)
 
     def _load(self, path: str) -> Thresholds:
@@ -212,8 +213,36 @@ class ThresholdStore:
             raise ThresholdsError(grpc.StatusCode.FAILED_PRECONDITION,
                                   "the router was started without --thresholds, so there is no file to re-read; "
                                   "give the path of a thresholds file")
+        if path == self.initial_path:
+            self._stamp = self._file_stamp()
         previous, loaded = self.current, self._load(path)
         self.current = loaded
         log.info("thresholds now %s %s (version %s, from %s; was %s %s)", loaded.measure, loaded.threshold,
                  loaded.version, loaded.path, previous.measure, previous.threshold)
         return loaded, previous
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        """(mtime in ns, size) of the start-up file, or None when there is none or it is missing."""
+        try:
+            st = Path(self.initial_path).stat() if self.initial_path else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_mtime_ns, st.st_size)
+
+    def reload_if_changed(self) -> Thresholds | None:
+        """Re-read the start-up file when it changed since the last look; returns the new thresholds or None.
+
+        A changed file that does not load is logged and the thresholds in force stay; the same
+        file is not tried again until it changes once more.
+        """
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return None
+        try:
+            loaded, _ = self.reload()
+        except ThresholdsError as err:
+            self._stamp = stamp
+            log.error("%s changed but was refused (%s); keeping %s %s", self.initial_path, err.message,
+                      self.current.measure, self.current.threshold)
+            return None
+        return loaded

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import grpc
@@ -109,3 +111,18 @@ def test_written_files_load_back(tmp_path: Path) -> None:
     write_thresholds(path, store.current)
     again = load_thresholds(path, task="vision", fingerprint=FP, edge_level=4)
     assert (again.measure, again.threshold, again.version) == ("max_softmax", 0.8, "default")
+
+
+def test_a_changed_file_is_picked_up_and_a_bad_change_keeps_the_old_thresholds(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"measure": "max_softmax", "threshold": 0.6, "checkpoint_fingerprint": FP})
+    store = ThresholdStore(task="vision", fingerprint=FP, edge_level=4, path=path)
+    assert store.reload_if_changed() is None  # unchanged since start-up
+    path.write_text(json.dumps({"measure": "margin", "threshold": 0.25, "checkpoint_fingerprint": FP}))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    loaded = store.reload_if_changed()
+    assert loaded is not None and store.current is loaded and loaded.measure == "margin"
+    assert store.reload_if_changed() is None  # seen already
+    path.write_text(json.dumps({"measure": "margin", "threshold": 0.3, "checkpoint_fingerprint": OTHER_FP}))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert store.reload_if_changed() is None
+    assert store.current is loaded  # the refused file left the thresholds in force

@@ -27,7 +27,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,16 +321,21 @@ class ReplicaPool:
         log.warning("escalation to %s", reason)
         return reason
 
-    async def unary(self, method: str, request: Any) -> CloudAnswer:
-        """Call ``method`` (e.g. "Classify") on a replica; EscalationError when none answers in time."""
+    def _attempts(self) -> Iterator[tuple[Replica, float]]:
+        """(replica, seconds left) for each try: at most MAX_ATTEMPTS distinct replicas within the deadline."""
         deadline = time.monotonic() + self.settings.deadline_s
         tried: list[Replica] = []
-        reason = "no healthy cloud replica serves this router's checkpoint"
         for _ in range(MAX_ATTEMPTS):
             replica, remaining = self.pick(tried), deadline - time.monotonic()
             if replica is None or remaining <= 0:
-                break
+                return
             tried.append(replica)
+            yield replica, remaining
+
+    async def unary(self, method: str, request: Any) -> CloudAnswer:
+        """Call ``method`` (e.g. "Classify") on a replica; EscalationError when none answers in time."""
+        reason = "no healthy cloud replica serves this router's checkpoint"
+        for replica, remaining in self._attempts():
             start = time.monotonic()
             replica.begin()
             code: grpc.StatusCode | None = None
@@ -353,14 +358,8 @@ class ReplicaPool:
         Retried on another replica only before the first item; EscalationError(partial=True)
         when the stream breaks after it.
         """
-        deadline = time.monotonic() + self.settings.deadline_s
-        tried: list[Replica] = []
         reason = "no healthy cloud replica serves this router's checkpoint"
-        for _ in range(MAX_ATTEMPTS):
-            replica, remaining = self.pick(tried), deadline - time.monotonic()
-            if replica is None or remaining <= 0:
-                break
-            tried.append(replica)
+        for replica, remaining in self._attempts():
             start, got_any = time.monotonic(), False
             replica.begin()
             code: grpc.StatusCode | None = None

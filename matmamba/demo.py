@@ -1,6 +1,7 @@
 """`make demo` today: the nested model library on the shipped checkpoints, on this machine's CPU.
 
-The cloud service, router and edge client are not built yet, so this runs the library alone:
+The end-to-end demo through cloud service and router is the deployment issue's work; this runs
+the library alone:
 1. Fashion-MNIST: each nested level of `checkpoints/matmamba-vision-fmnist`, loaded with partial
    loading (only the slices that width needs), classifies the 2,000 held-out test images shipped
    in `data/fashion-mnist-sample/`; one table shows accuracy, parameters, bytes read, latency.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console()
     console.print("[bold]MatMamba library demo[/bold]: one checkpoint, four nested widths. "
-                  "(Cloud service, router and edge client: not built yet.)")
+                  "(This runs the library alone; serving through cloud and router: README, Serving.)")
     console.print(vision_table([1, 2, 4, 8], args.images))
     lm_samples([1, 8], args.tokens, console)
 

@@ -25,14 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the edge; escalate low-confidence inputs to full-width cloud replicas.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (the cloud's must match)")
     p.add_argument("--edge-level", type=int, required=True, help="nesting level of the edge model (4 = d_model/4)")
-    p.add_argument("--cloud", required=True, help="cloud replicas, HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--cloud", required=True,
+                   help="cloud replicas, HOST:PORT[,HOST:PORT...]; dns:///NAME:PORT = every address NAME resolves to, "
+                        "looked up again each health round (docker-compose: dns:///cloud:50051)")
     p.add_argument("--host", default=d.host, help="listen address of gRPC and /metrics (default %(default)s)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics port (default %(default)s; -1 = none)")
-    p.add_argument("--thresholds", type=Path, default=None,
-                   help="thresholds file (python -m router.tune); default: the task's documented default")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (host:port) instead of starting one")
+    p.add_argument("--thresholds", type=lambda s: Path(s) if s else None, default=None,
+                   help="thresholds file (python -m router.tune); default or '': the task's documented default")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (host:port) instead of starting one ('' = start one)")
     p.add_argument("--deadline-ms", type=float, default=d.deadline_ms,
                    help="time an escalation may take, retry included, before the edge answer is returned "
                         "degraded (default %(default)s)")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {config.checkpoint} is not a directory")
     import ray
 
-    info = init_ray(args.ray_address)
+    info = init_ray(args.ray_address or None)
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, RuntimeError) as err:  # a bad checkpoint or thresholds file, a port in use

@@ -17,6 +17,11 @@ eligible replica:
   after ``breaker_cooldown_s`` (half-open); the probe's success closes it, its failure reopens it.
 
 Health checks run every ``health_interval_s`` for every replica (also while the breaker is open).
+
+**DNS targets**: an address ``dns:///NAME:PORT`` stands for every address NAME resolves to (in
+docker-compose the service name ``cloud`` resolves to all ``--scale cloud=N`` replicas). It is
+resolved again before each health round: new addresses become replicas, vanished ones are dropped
+once no escalation is in flight on them; a failed lookup keeps the replicas already known.
 When no replica answers in time :class:`EscalationError` is raised; the router then answers from
 the edge with ``degraded = true``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +57,29 @@ RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_E
 # Reconnect quickly to a replica that came back (gRPC's default backoff grows to 120 s).
 CHANNEL_BACKOFF_MS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                       ("grpc.max_reconnect_backoff_ms", 1000))
+
+
+# Prefix of an address that names every replica its DNS name resolves to (gRPC's own target syntax).
+DNS_SCHEME = "dns:///"
+# Resolves (name, port) to "host:port" addresses.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_dns(name: str, port: int) -> list[str]:
+    """Every address ``name`` resolves to, as sorted unique "host:port" strings (IPv6 in brackets)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    hosts = {info[4][0] for info in infos}
+    return sorted(f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts)
+
+
+def split_dns_target(address: str) -> tuple[str, int] | None:
+    """(name, port) of a ``dns:///NAME:PORT`` address, or None for a plain HOST:PORT."""
+    if not address.startswith(DNS_SCHEME):
+        return None
+    name, _, port = address[len(DNS_SCHEME):].rpartition(":")
+    if not name or not port.isdigit():
+        raise ValueError(f"cannot read cloud address {address!r}; expected {DNS_SCHEME}NAME:PORT")
+    return name, int(port)
 
 
 class ReplicaState(enum.StrEnum):
@@ -212,11 +241,15 @@ class ReplicaPool:
     def __init__(self, addresses: Sequence[str], *, fingerprint: str, task: int,
                  settings: EscalationSettings | None = None,
                  on_change: Callable[[Replica], None] | None = None,
-                 on_round: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_round: Callable[[], Awaitable[None]] | None = None,
+                 on_remove: Callable[[Replica], None] | None = None,
+                 resolver: Resolver = resolve_dns) -> None:
         self.settings = settings or EscalationSettings()
         self.fingerprint, self.task = fingerprint, task
-        self.replicas = [Replica(address, self.settings) for address in addresses]
-        self._on_change, self._on_round = on_change, on_round
+        self._names = [t for t in map(split_dns_target, addresses) if t is not None]
+        self.replicas = [Replica(a, self.settings) for a in addresses if split_dns_target(a) is None]
+        self._fixed = {r.address for r in self.replicas}
+        self._on_change, self._on_round, self._on_remove, self._resolver = on_change, on_round, on_remove, resolver
         self._reported: dict[str, ReplicaState] = {}
         self._turn = 0
         self._task: asyncio.Task | None = None
@@ -254,7 +287,8 @@ class ReplicaPool:
                 log.exception("replica health round failed")
 
     async def check_all(self) -> None:
-        """One health round over every replica, then report changes and call ``on_round``."""
+        """Re-resolve DNS targets, one health round over every replica, then report changes and call ``on_round``."""
+        await self._resolve()
         await asyncio.gather(*(self._check(r) for r in self.replicas))
         self.refresh()
         if self._on_round is not None:
@@ -276,6 +310,30 @@ class ReplicaPool:
         replica.healthy, replica.reason = True, ""
         replica.mismatch = _mismatch(info, self.fingerprint, self.task)
         replica.max_batch = info.max_batch_size
+
+    async def _resolve(self) -> None:
+        """Add a replica per new address of the DNS targets; drop idle ones whose address is gone."""
+        if not self._names:
+            return
+        wanted = set(self._fixed)
+        for name, port in self._names:
+            try:
+                wanted.update(await self._resolver(name, port))
+            except OSError as err:  # e.g. no replica running right now: keep what is known
+                log.warning("cannot resolve cloud name %s (%s); keeping the %d replicas known", name, err,
+                            len(self.replicas))
+                return
+        known = {r.address for r in self.replicas}
+        for address in sorted(wanted - known):
+            log.info("cloud replica %s added (DNS)", address)
+            self.replicas.append(Replica(address, self.settings))
+        for replica in [r for r in self.replicas if r.address not in wanted and r.outstanding == 0]:
+            log.info("cloud replica %s removed (no longer in DNS)", replica.address)
+            self.replicas.remove(replica)
+            self._reported.pop(replica.address, None)
+            await replica.channel.close()
+            if self._on_remove is not None:
+                self._on_remove(replica)
 
     def refresh(self) -> None:
         """Log and report every replica whose state changed since the last call."""

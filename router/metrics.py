@@ -18,6 +18,8 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
 | ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
+| ``router_escalation_expected`` | gauge | bound | calibrated rate (bound=rate), its 95% band (low, high) |
+| ``router_escalation_drift`` | gauge | method | 1 while the window's 95% interval misses the band, else 0 |
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from wsgiref.simple_server import WSGIServer
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from .monitor import wilson
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
 # Routing decisions the escalation-rate gauge looks back over (per method).
 WINDOW = 1000
+# Decisions the window must hold before the drift gauge judges it (fewer say too little).
+MIN_DRIFT_DECISIONS = 100
 # Replica states (router/escalation.py ReplicaState values), one gauge series each.
 REPLICA_STATES = ("unknown", "healthy", "unhealthy", "open", "half_open", "mismatch")
 # Confidence buckets: log-probabilities (LM measures, neg_entropy) below 0, probabilities in [0, 1].
@@ -62,6 +67,14 @@ class EscalationWindow:
     @property
     def rate(self) -> float:
         return self._escalated / len(self._decisions) if self._decisions else 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self._decisions)
+
+    @property
+    def escalated(self) -> int:
+        return self._escalated
 
 
 class RouterMetrics:
@@ -91,6 +104,12 @@ class RouterMetrics:
         self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
                                          ["replica"], registry=r)
         self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
+        self.expected = Gauge("router_escalation_expected", "Calibrated escalation rate (bound=rate) and its "
+                              "95% band (bound=low, high), from the thresholds file.", ["bound"], registry=r)
+        self.drift = Gauge("router_escalation_drift", "1 while the windowed escalation rate is outside the "
+                           "calibrated band.", ["method"], registry=r)
+        self._band: tuple[float, float, float] | None = None  # from the thresholds file, when it has one
+        self._drifting: dict[str, bool] = {}
         self._windows: dict[str, EscalationWindow] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +125,23 @@ class RouterMetrics:
         if count:
             self.escalations.labels(method=method).inc(count)
         self.escalation_rate.labels(method=method).set(window.rate)
+        self._judge_drift(method, window)
+
+    def _judge_drift(self, method: str, window: EscalationWindow) -> None:
+        """Set ``router_escalation_drift`` (and log when it flips) from the window's Wilson interval."""
+        if self._band is None or window.size < MIN_DRIFT_DECISIONS:
+            return
+        low, high = wilson(window.escalated, window.size)
+        outside = high < self._band[1] or low > self._band[2]
+        if outside != self._drifting.get(method, False):
+            if outside:
+                log.warning("escalation drift (%s): %.1f%% of the last %d decisions escalated, calibrated band "
+                            "%.1f%% - %.1f%%; re-tune the thresholds (python -m router.tune)", method,
+                            100 * window.rate, window.size, 100 * self._band[1], 100 * self._band[2])
+            else:
+                log.info("escalation rate (%s) back within the calibrated band: %.1f%%", method, 100 * window.rate)
+        self._drifting[method] = outside
+        self.drift.labels(method=method).set(1.0 if outside else 0.0)
 
     def record_item(self, method: str, tier: str, degraded: bool, edge_ms: float, cloud_ms: float) -> None:
         """One answered item and its timings."""
@@ -122,11 +158,28 @@ class RouterMetrics:
         for name in REPLICA_STATES:
             self.replica_state.labels(replica=replica, state=name).set(1.0 if name == state else 0.0)
 
+    def remove_replica(self, replica: str) -> None:
+        """Drop the series of a replica the router no longer knows (its DNS name stopped resolving to it)."""
+        for gauge, labels in [(self.replica_outstanding, (replica,))] + [
+                (self.replica_state, (replica, name)) for name in REPLICA_STATES]:
+            try:
+                gauge.remove(*labels)
+            except KeyError:  # never reported
+                pass
+
     def set_thresholds(self, thresholds: Thresholds) -> None:
         """Publish the policy in force as ``router_thresholds_info``."""
         self.thresholds.info({"measure": thresholds.measure, "threshold": repr(thresholds.threshold),
                               "version": thresholds.version, "is_default": str(thresholds.is_default).lower(),
                               "path": thresholds.path})
+        self._band = thresholds.band
+        self.drift.clear()  # a new policy: judged afresh
+        self._drifting.clear()
+        if thresholds.band is None:
+            self.expected.clear()
+        else:
+            for bound, value in zip(("rate", "low", "high"), thresholds.band):
+                self.expected.labels(bound=bound).set(value)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a daemon thread; returns the bound port (0 = any free port)."""

@@ -33,7 +33,7 @@ from proto.validate import ModelLimits
 from .admin import AdminServicer
 from .core import RouterCore
 from .edge_pool import EdgePool, EdgeSettings
-from .escalation import EscalationSettings, Replica, ReplicaPool
+from .escalation import EscalationSettings, Replica, ReplicaPool, split_dns_target
 from .metrics import RouterMetrics
 from .service import RouterServicer
 from .thresholds import ThresholdsError, ThresholdStore
@@ -82,6 +82,8 @@ class RouterConfig:
         bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
         if bad:
             raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
+        for address in self.cloud:
+            split_dns_target(address)  # ValueError for a malformed dns:///NAME:PORT
         self.escalation()  # validates the escalation flags
 
     def escalation(self) -> EscalationSettings:
@@ -148,10 +150,8 @@ class RouterServer:
             raise ValueError(f"--thresholds: {err.message}") from None
         self.metrics.set_thresholds(store.current)
         cloud = ReplicaPool(cfg.cloud, fingerprint=info.fingerprint, task=pb.VISION if info.task == "vision" else pb.LM,
-                            settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health)
-        for replica in cloud.replicas:
-            self.metrics.replica_outstanding.labels(replica=replica.address).set_function(
-                lambda r=replica: r.outstanding)
+                            settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health,
+                            on_remove=lambda r: self.metrics.remove_replica(r.address))
         tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
         self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
                                cfg.segment_tokens)
@@ -191,6 +191,7 @@ class RouterServer:
                 self.metrics.set_thresholds(store.current)
 
     def _replica_changed(self, replica: Replica) -> None:
+        self.metrics.replica_outstanding.labels(replica=replica.address).set_function(lambda: replica.outstanding)
         self.metrics.set_replica_state(replica.address, replica.state.value)
 
     async def _cloud_health(self) -> None:

@@ -8,7 +8,8 @@ A thresholds file (``python -m router.tune`` writes one; any JSON object with th
       "checkpoint_fingerprint": "4be7...", # recommended: sha256 of the checkpoint it was tuned on
       "edge_level": 4,                     # optional: the edge nesting level it was tuned for
       "version": "2026-11-24.1",           # optional: default = sha256 of the file's bytes
-      "target_escalation": 0.2             # optional: the escalation rate it was tuned for, in [0, 1]
+      "target_escalation": 0.2,            # optional: the escalation rate it was tuned for, in [0, 1]
+      "expected_escalation": {"rate": 0.2, "ci95": [0.183, 0.218]}  # optional: the calibrated band
     }
 
 Other keys are kept out of the policy and ignored (tuning reports may add their own).
@@ -77,6 +78,7 @@ class Thresholds:
     edge_level: int = 0  # 0 = unknown
     checkpoint_fingerprint: str = ""  # "" = unknown
     loaded_unix_ms: int = 0
+    band: tuple[float, float, float] | None = None  # calibrated escalation (rate, low, high); None = unknown
 
     def to_proto(self) -> pb.Thresholds:
         """The RouterAdmin message of this policy."""
@@ -172,7 +174,21 @@ def parse_thresholds(raw: bytes, *, path: str, task: str, fingerprint: str = "",
     if not isinstance(version, str):
         raise _invalid(path, f'"version" must be a string, got {version!r}')
     return Thresholds(measure, threshold, version, path=path, target_escalation=target, edge_level=level,
-                      checkpoint_fingerprint=tuned_on, loaded_unix_ms=_now_ms())
+                      checkpoint_fingerprint=tuned_on, loaded_unix_ms=_now_ms(), band=_band(data, path))
+
+
+def _band(data: dict[str, Any], path: str) -> tuple[float, float, float] | None:
+    """(rate, low, high) of ``expected_escalation`` (router.tune's calibrated band), None when absent."""
+    exp = data.get("expected_escalation")
+    if exp is None:
+        return None
+    try:
+        rate, (low, high) = float(exp["rate"]), map(float, exp["ci95"])
+    except (TypeError, KeyError, ValueError):
+        raise _invalid(path, '"expected_escalation" must be {"rate": R, "ci95": [LOW, HIGH]}') from None
+    if not 0.0 <= low <= rate <= high <= 1.0:
+        raise _invalid(path, f'"expected_escalation" needs 0 <= low <= rate <= high <= 1, got {rate} [{low}, {high}]')
+    return rate, low, high
 
 
 def load_thresholds(path: str | Path, *, task: str, fingerprint: str = "", edge_level: int = 0) -> Thresholds:

@@ -25,6 +25,7 @@ from router.escalation import (
     EscalationSettings,
     ReplicaPool,
     ReplicaState,
+    resolve_dns,
 )
 
 FP = "ab" * 32
@@ -310,3 +311,59 @@ def test_a_stream_is_retried_only_before_its_first_item() -> None:
         assert info.value.partial and got == [[0], [1]]
 
     run_with([a, b], body)
+
+
+# ------------------------------------------------------------------ DNS targets (docker-compose --scale)
+
+
+def test_a_dns_target_follows_the_addresses_its_name_resolves_to() -> None:
+    """``dns:///cloud:P`` becomes one replica per address, re-resolved each round (scale up, scale down)."""
+    a, b = FakeReplica(), FakeReplica()
+    answer: list[str] = []  # what the (scripted) DNS says ``cloud`` resolves to; OSError when None
+
+    async def resolver(name: str, port: int) -> list[str]:
+        assert (name, port) == ("cloud", 50051)
+        if answer == ["fail"]:
+            raise OSError("Name or service not known")
+        return list(answer)
+
+    async def main() -> None:
+        await a.start()
+        await b.start()
+        removed: list[str] = []
+        answer[:] = [a.address]
+        pool = ReplicaPool(["dns:///cloud:50051"], fingerprint=FP, task=pb.VISION, settings=FAST,
+                           resolver=resolver, on_remove=lambda r: removed.append(r.address))
+        await pool.start()
+        try:
+            assert [r.address for r in pool.replicas] == [a.address] and pool.available
+            answer[:] = [a.address, b.address]  # --scale cloud=2
+            await pool.check_all()
+            assert {r.address for r in pool.replicas} == {a.address, b.address}
+            answers = await asyncio.gather(*(pool.unary("Classify", _request()) for _ in range(4)))
+            assert {x.replica for x in answers} == {a.address, b.address}
+            answer[:] = ["fail"]  # a failed lookup keeps the replicas known
+            await pool.check_all()
+            assert len(pool.replicas) == 2
+            answer[:] = [b.address]  # --scale cloud=1
+            await pool.check_all()
+            assert [r.address for r in pool.replicas] == [b.address] and removed == [a.address]
+            assert (await pool.unary("Classify", _request())).replica == b.address
+        finally:
+            await pool.close()
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_dns_target_resolves_a_real_name() -> None:
+    async def main() -> None:
+        assert "127.0.0.1:50051" in await resolve_dns("localhost", 50051)
+
+    asyncio.run(main())
+
+
+def test_a_malformed_dns_target_is_refused() -> None:
+    with pytest.raises(ValueError, match="dns:///NAME:PORT"):
+        ReplicaPool(["dns:///cloud"], fingerprint=FP, task=pb.VISION)

@@ -40,7 +40,7 @@ RUN MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 # matmamba/kernels.py uses it when it imports and falls back to a PyTorch conv otherwise.
 RUN CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS=${MAX_JOBS} \
     pip install --no-build-isolation --no-deps causal-conv1d==1.7.0 \
- && python -c "import causal_conv1d_cuda"
+ && python -c "import torch, causal_conv1d_cuda"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

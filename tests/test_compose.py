@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,12 +90,15 @@ def compose_binary() -> str:
 
 
 def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    args = [compose_binary(), "--project-directory", str(ROOT)]
-    for file in files:
-        args += ["-f", str(file)]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CHECKPOINT", "ROUTER_", "CLOUD_", "CLIENT_"))}
-    run = subprocess.run([*args, "--profile", "client", "config"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env={**clean, **(env or {})})
+    """``docker-compose config`` of ``files`` with exactly ``env`` set (no .env file, no variable of the caller's)."""
+    used = set(re.findall(r"\$\{(\w+)", "".join(f.read_text() for f in files)))
+    clean = {k: v for k, v in os.environ.items() if k not in used}
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as env_file:
+        args = [compose_binary(), "--project-directory", str(ROOT), "--env-file", env_file.name]
+        for file in files:
+            args += ["-f", str(file)]
+        run = subprocess.run([*args, "--profile", "client", "config"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, env={**clean, **(env or {})})
     assert run.returncode == 0, f"docker-compose config refused the file:\n{run.stderr}"
     return yaml.safe_load(run.stdout)
 
@@ -295,3 +299,31 @@ def test_sigterm_stops_every_service_with_exit_status_zero(services: dict[str, L
         service = services[name]
         assert service.running()
         assert service.stop() == 0, f"{name} did not exit 0 on SIGTERM:\n{service.log.read_text()[-4000:]}"
+
+
+# ------------------------------------------------------------------ the Dockerfiles (read, not built: no engine here)
+
+
+def dockerfiles() -> list[Path]:
+    files = {ROOT / spec["build"]["dockerfile"] for spec in load_compose({}).values() if "build" in spec}
+    files.add(ROOT / yaml.safe_load(GPU_OVERRIDE.read_text())["services"]["router"]["build"]["dockerfile"])
+    return sorted(files)
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
+def test_the_dockerfiles_copy_what_exists_and_pin_what_make_setup_pins(dockerfile: Path) -> None:
+    assert dockerfile.is_file()
+    text = dockerfile.read_text()
+    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    for sources in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for source in sources.split():
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
+            assert source not in ignored, f"{dockerfile.name} copies {source}, which .dockerignore leaves out"
+    makefile = (ROOT / "Makefile").read_text()
+    for package in re.findall(r"(?:torch|mamba-ssm|causal-conv1d)==[\w.]+", makefile):
+        name, version = package.split("==")
+        if f"{name}==" in text:
+            assert re.search(rf"{name}==(\$\{{TORCH_VERSION\}}|{re.escape(version)})", text), package
+            if name == "torch":
+                assert f"TORCH_VERSION={version}" in text
+    assert "pip install -e ." in text and "python -m proto.codegen" in text

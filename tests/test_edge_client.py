@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.__main__ import ClassifyRow, TierWriter, build_parser, format_row, summarize
+from edge.__main__ import ClassifyRow, build_parser, format_row, summarize
 from edge.client import Prediction, Served
 from edge.images import as_batch, expand_paths, load_image_file, load_images
+from edge.streaming import TierWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -223,7 +223,7 @@ def run_vision(args: argparse.Namespace, servers: Servers, console: Console) -> 
         start = time.monotonic()
         cloud, router = servers.pair(VISION, args.out, "vision", args.thresholds)
     console.print(f"cloud replica {cloud.address} and router {router.address} (edge level {EDGE_LEVEL}, Ray inside) "
-                  f"SERVING after {time.monotonic() - start:.1f} s; logs in {_shown(args.out / 'logs')}")
+                  f"SERVING after {time.monotonic() - start:.1f} s; logs in {args.out / 'logs'}")
     argv = ["demo", "--router", router.address, "--cloud", cloud.address, "--limit", str(args.limit),
             "--concurrency", str(args.concurrency), "--plot", str(args.out / "tradeoff.png"),
             "--json", str(args.out / "results.json")]
@@ -275,14 +275,6 @@ def run_lm(args: argparse.Namespace, servers: Servers, console: Console) -> dict
     return {"tokens": dict(result.counts), "finish": result.finish}
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it lies inside it."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
 def stop_all(servers: Servers, grace_s: float, console: Console) -> bool:
     """Stop every server (SIGINT ignored meanwhile, so a second Ctrl-C cannot cut the cleanup short).
 
@@ -297,7 +289,8 @@ def stop_all(servers: Servers, grace_s: float, console: Console) -> bool:
     finally:
         signal.signal(signal.SIGINT, previous)
     leftovers = sum(s.leftovers for s in stopping)
-    console.print("stopped " + ", ".join(f"{s.name} (exit {statuses[s.name]})" for s in stopping)
+    console.print("stopped " + ", ".join(f"{s.name} (pid {s.proc.pid if s.proc else '-'}, exit {statuses[s.name]})"
+                                         for s in stopping)
                   + (f"; killed {leftovers} process(es) left behind" if leftovers
                      else "; Ray stopped with its router, no process left"), highlight=False)
     return leftovers == 0 and all(code == 0 for code in statuses.values())
@@ -316,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lm", action="store_true", help="skip the LM generation")
     p.add_argument("--thresholds", type=Path, default=THRESHOLDS,
                    help=f"the router's thresholds file (default {THRESHOLDS.relative_to(REPO_ROOT)})")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "demo",
-                   help="where the curve, the results and the logs go (default runs/demo)")
+    p.add_argument("--out", type=Path, default=Path("runs") / "demo",
+                   help="where the curve, the results and the logs go (default %(default)s)")
     p.add_argument("--grace", type=float, default=15.0, help="seconds a server may take to stop (default %(default)s)")
     return p
 
@@ -333,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.thresholds.is_file():
         parser.error(f"--thresholds {args.thresholds} does not exist; write one with `python -m router.tune`")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(width=None if sys.stdout.isatty() else CONSOLE_WIDTH)
+    console = Console(width=None if sys.stdout.isatty() else CONSOLE_WIDTH, soft_wrap=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    servers, start, status = Servers(), time.monotonic(), 0
+    servers, start, wall, status = Servers(), time.monotonic(), time.time(), 0
     try:
         console.rule("[bold]MatMamba split inference[/]: one checkpoint, a narrow edge model and the full cloud model")
         vision = run_vision(args, servers, console)
@@ -354,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not stop_all(servers, args.grace, console):
             status = status or 1
-    console.print(f"demo finished in {time.monotonic() - start:.0f} s (exit {status}); trade-off curve: "
-                  f"{_shown(args.out / 'tradeoff.png')}, answers: {_shown(args.out / 'results.json')}")
+    written = [str(f) for f in (args.out / "tradeoff.png", args.out / "results.json")
+               if f.is_file() and f.stat().st_mtime >= wall]
+    console.print(f"demo finished in {time.monotonic() - start:.0f} s (exit {status})"
+                  + (f"; wrote {', '.join(written)}" if written else ""), highlight=False)
     return status
 
 

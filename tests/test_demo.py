@@ -5,6 +5,7 @@ the demo started is gone afterwards, also when it is interrupted."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
-from edge.demo import load_test_images
+from edge.demo import Calibration, Record, load_test_images, render, summarize
 from edge.images import read_idx
 from matmamba.config import config_from_dict
 from matmamba.flops import flops_per_item
@@ -138,3 +140,22 @@ def test_demo_client_reads_the_shipped_images_and_says_what_is_missing(tmp_path:
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
     with pytest.raises(ValueError, match="not a readable gzip file"):
         read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
+
+
+def test_summary_without_cloud_and_with_errors() -> None:
+    """The compose client may run without --cloud; failed requests count as wrong and are listed."""
+    records = [Record(1, answer=1, edge_answer=1, tier="edge", confidence=0.9, latency_ms=2.0),
+               Record(2, answer=2, edge_answer=0, tier="cloud", confidence=0.1, latency_ms=9.0),
+               Record(3, answer=0, edge_answer=0, tier="edge", degraded=True, confidence=0.2, latency_ms=30.0),
+               Record(4, error="UNAVAILABLE: shutting down")]
+    cal = Calibration("margin", 0.5, "v1", 0.2, band=(0.2, 0.1, 0.3))
+    s = summarize(records, cal, edge_flops=10_000_000, cloud_flops=None, with_cloud=False)
+    assert s.accuracy == {"edge-only": 0.25, "cascade": 0.5, "cloud-only": None}
+    assert s.answered == {"edge": 2, "cloud": 1, "degraded": 1} and s.escalated == 2 and s.errors == 1
+    assert s.rate == pytest.approx(2 / 3) and s.within_band is True  # 3 answers: a wide interval
+    assert s.mflops == {"edge-only": 10.0, "cascade": None, "cloud-only": None}
+    out = io.StringIO()
+    Console(file=out, width=160).print(render(s, cal, "t"))
+    text = out.getvalue()
+    assert "cloud-only (direct)" in text and "degraded answers: 1" in text and "errors 1" in text
+    assert "within band" in text

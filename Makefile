@@ -33,7 +33,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m matmamba.demo
+	$(BIN)/python -m router.demo
 
 # Training data (not needed by test or demo): Fashion-MNIST and Jane Austen's novels
 # from Debian packages, prepared under .data/.

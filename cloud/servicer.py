@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 import matmamba
 from matmamba.devices import describe_device
+from matmamba.flops import flops_per_item
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 from proto.tensors import to_tensor_msg
@@ -276,6 +277,7 @@ def model_info(runner: ModelRunner) -> pb.ModelInfoReply:
         supported_levels=[_level(cfg.d_model, w) for w in widths], supported_widths=widths,
         tier=pb.CLOUD, checkpoint_sha256=runner.fingerprint, server_version=matmamba.__version__,
         device=describe_device(runner.device), max_batch_size=limits.max_batch,
+        flops_per_item=flops_per_item(cfg, limits.default_width),
     )
     if limits.task == pb.VISION:
         pre = runner.preprocess

@@ -3,11 +3,13 @@
     python -m edge classify IMAGE... --router HOST:PORT     # PNG/JPEG, .npy files, or directories of them
     python -m edge generate "PROMPT" --router HOST:PORT [--max-tokens N]
     python -m edge info --router HOST:PORT
+    python -m edge demo --router HOST:PORT [--cloud HOST:PORT] [--limit N] [--plot FILE]
 
 classify prints one line per image (label, tier, confidence, latency) and a summary: answers per
 tier, the escalation rate (cloud answers plus degraded ones), and p50/p99 latency. generate
 streams the text; tokens written by the cloud are shown in color on a terminal and between
-``[[`` and ``]]`` otherwise (degraded edge tokens: yellow, or ``{{ }}``).
+``[[`` and ``]]`` otherwise (degraded edge tokens: yellow, or ``{{ }}``). demo measures the cascade
+on the shipped held-out Fashion-MNIST test images and prints one table (edge/demo.py).
 """
 
 from __future__ import annotations
@@ -15,23 +17,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
+from rich.console import Console
 
+from . import demo
 from .client import DEFAULT_ROUTER, EdgeClient, Prediction, RouterError
 from .images import load_images
+from .streaming import stream_generation
 
 log = logging.getLogger("edge")
 
-# ANSI styles for generate's output on a terminal.
-CLOUD_STYLE, DEGRADED_STYLE, RESET = "\x1b[36m", "\x1b[33m", "\x1b[0m"
-# Plain-text markers when the output is not a terminal (or --color never).
-PLAIN_MARKS = {"cloud": ("[[", "]]"), "degraded": ("{{", "}}"), "edge": ("", "")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="mark cloud tokens with color (auto: when stdout is a terminal) or brackets")
     sub.add_parser("info", help="describe the model the router serves")
+    d = sub.add_parser("demo", help="measure the cascade on held-out Fashion-MNIST test images (one table)")
+    demo.add_arguments(d)
     for command in sub.choices.values():
         command.add_argument("--router", default=DEFAULT_ROUTER, help="router address HOST:PORT (%(default)s)")
         command.add_argument("--timeout", type=float, default=30.0, help="seconds per call (%(default)s)")
@@ -113,50 +115,13 @@ def run_classify(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if any(r.prediction is None for r in rows) else 0
 
 
-class TierWriter:
-    """Writes generated text, marking the cloud's (and degraded) tokens with color or brackets."""
-
-    def __init__(self, out: TextIO, color: bool) -> None:
-        self.out, self.color, self.kind = out, color, "edge"
-
-    def write(self, text: str, kind: str) -> None:
-        """Write ``text`` produced by ``kind`` (edge, cloud or degraded)."""
-        if kind != self.kind:
-            self._close()
-            self.kind = kind
-            style = {"cloud": CLOUD_STYLE, "degraded": DEGRADED_STYLE}.get(kind, "")
-            self.out.write(style if self.color else PLAIN_MARKS[kind][0])
-        self.out.write(text)
-        self.out.flush()
-
-    def _close(self) -> None:
-        if self.kind != "edge":
-            self.out.write(RESET if self.color else PLAIN_MARKS[self.kind][1])
-
-    def finish(self) -> None:
-        """Close an open mark and end the line."""
-        self._close()
-        self.kind = "edge"
-        self.out.write("\n")
-        self.out.flush()
-
-
 def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     """Stream a generation to ``out``; a summary of tokens per tier goes to stderr."""
     color = args.color == "always" or (args.color == "auto" and out.isatty())
-    writer, counts, start = TierWriter(out, color), Counter(), time.perf_counter()
-    finish = None
     with EdgeClient(args.router, timeout_s=args.timeout) as client:
-        for chunk in client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-            kind = "degraded" if chunk.degraded else (chunk.tier or "edge")
-            writer.write(chunk.text, kind)
-            counts[kind] += len(chunk.token_ids)
-            finish = chunk.finish_reason or finish
-    writer.finish()
-    print(f"{sum(counts.values())} tokens: {counts['edge']} edge, {counts['cloud']} cloud, "
-          f"{counts['degraded']} degraded; finish {finish}; {(time.perf_counter() - start) * 1e3:.0f} ms",
-          file=sys.stderr)
+        result = stream_generation(client, args.prompt, out, color, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(result.summary(), file=sys.stderr)
     return 0
 
 
@@ -170,11 +135,17 @@ def run_info(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """The demo table (edge/demo.py); exit 1 if any request failed."""
+    result = demo.run_demo(args, Console(file=out))
+    return 1 if result.summary.errors or result.summary.cloud_errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors are logged and give exit status 1."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"classify": run_classify, "generate": run_generate, "info": run_info}
+    commands = {"classify": run_classify, "generate": run_generate, "info": run_info, "demo": run_demo}
     try:
         return commands[args.command](args, sys.stdout)
     except (RouterError, OSError, ValueError, TypeError) as err:

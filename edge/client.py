@@ -94,6 +94,7 @@ class Prediction(_ServedShortcuts):
     probs: np.ndarray  # (num_classes,) float32
     served: Served
     latency_ms: float  # the whole request as this client saw it
+    edge_class: int | None = None  # the edge model's answer before any escalation (None from a cloud replica)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class RouterInfo:
     max_batch: int
     class_names: tuple[str, ...]
     image_size: int
+    flops_per_item: int  # forward FLOPs per image (vision) or token (LM) at edge_width; 0 = not reported
     raw: pb.ModelInfoReply
 
     @classmethod
@@ -127,7 +129,7 @@ class RouterInfo:
         vision = info.vision if info.HasField("vision") else pb.VisionInfo()
         return cls("vision" if info.task == pb.VISION else "lm", info.checkpoint_sha256, info.d_model,
                    info.served_width, info.served_level, info.device, info.max_batch_size,
-                   tuple(vision.class_names), vision.image_size, info)
+                   tuple(vision.class_names), vision.image_size, info.flops_per_item, info)
 
 
 class EdgeClient:
@@ -180,7 +182,8 @@ class EdgeClient:
         reply = self._call(self._stub.Classify, request, timeout_s)
         latency = (time.perf_counter() - start) * 1e3
         probs = from_tensor_msg(reply.probs, max_elements=len(reply.probs.data))
-        return [Prediction(r.label, r.predicted_class, probs[i], Served.from_proto(r.served_by), latency)
+        return [Prediction(r.label, r.predicted_class, probs[i], Served.from_proto(r.served_by), latency,
+                           r.edge_predicted_class if r.HasField("edge_predicted_class") else None)
                 for i, r in enumerate(reply.results)]
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 0, temperature: float | None = None,

@@ -1,6 +1,7 @@
 """Images for the edge client: numpy arrays and files (PNG/JPEG via Pillow, .npy) as (N, C, H, W) batches.
 
-No torch here: edge devices need numpy and, for image files, Pillow.
+No torch here: edge devices need numpy and, for image files, Pillow. ``read_idx`` reads the
+gzipped IDX files Fashion-MNIST ships in (``data/fashion-mnist-sample``).
 
     batch = as_batch(np.zeros((28, 28), np.uint8))      # (1, 1, 28, 28)
     items = load_images(["shoe.png", "samples/"])       # [(name, (1, 1, 28, 28) uint8), ...]
@@ -8,6 +9,8 @@ No torch here: edge devices need numpy and, for image files, Pillow.
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import numpy as np
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy",)
 SUFFIXES = PICTURE_SUFFIXES + ARRAY_SUFFIXES
+# First three bytes of an IDX file of unsigned bytes: two zero bytes, then type code 0x08.
+IDX_UBYTE_MAGIC = b"\x00\x00\x08"
 
 
 def as_batch(images: np.ndarray) -> np.ndarray:
@@ -93,3 +98,25 @@ def load_images(paths: Iterable[str | Path], size: int | None = None) -> list[tu
         else:
             items.extend((f"{file}[{i}]", batch[i:i + 1]) for i in range(batch.shape[0]))
     return items
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """A gzipped IDX file of unsigned bytes (the MNIST format, e.g. ``t10k-images-idx3-ubyte.gz``) as uint8.
+
+    The same format ``matmamba.data`` reads for training; this reader lets edge devices load held-out
+    images without torch.
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} is not a readable gzip file ({err})") from None
+    if len(raw) < 4 or raw[:3] != IDX_UBYTE_MAGIC:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but the file holds {data.size} bytes of data")
+    return data.reshape(shape)

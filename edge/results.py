@@ -34,6 +34,7 @@ class EdgeInfo:
     vocab_size: int = 0
     eos_id: int = -1
     tokenizer: str = ""  # tokenizer kind, e.g. "bpe" or "byte"; "" when the checkpoint has none
+    flops_per_item: int = 0  # forward FLOPs of one image (vision) or token (LM) at edge_width
     host: str = ""  # host name of the worker's machine (its private endpoint is reachable from this host only)
 
     @property

@@ -36,6 +36,7 @@ from matmamba import MatMambaLM, load_model
 from matmamba.backbone import InferenceCache
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
+from matmamba.flops import flops_per_item
 from matmamba.generation import SamplingParams, sample_next
 
 from .batching import MicroBatcher
@@ -104,9 +105,10 @@ class EdgeWorker:
 
     def _describe(self) -> EdgeInfo:
         cfg, report = self.model.config, self.model.load_report
+        width = cfg.block.width_for_level(self.edge_level)
         common = dict(fingerprint=self.model.fingerprint or "", d_model=cfg.d_model, n_layer=cfg.n_layer,
-                      levels=tuple(sorted(cfg.block.levels)), edge_level=self.edge_level,
-                      edge_width=cfg.block.width_for_level(self.edge_level), device=describe_device(self.device),
+                      levels=tuple(sorted(cfg.block.levels)), edge_level=self.edge_level, edge_width=width,
+                      device=describe_device(self.device), flops_per_item=flops_per_item(cfg, width),
                       load_seconds=report.seconds, bytes_read=report.bytes_read, file_bytes=report.file_bytes,
                       host=socket.gethostname())
         if self.is_lm:

@@ -66,3 +66,10 @@ def count_flops(config: ModelConfig, widths: Sequence[int], tokens: int) -> int:
 def vision_tokens(config: MatMambaVisionConfig, height: int | None = None, width: int | None = None) -> int:
     h, w = height or config.image_size, width or config.image_size
     return (h // config.patch_size) * (w // config.patch_size) + 1
+
+
+def flops_per_item(config: ModelConfig, width: int) -> int:
+    """Forward FLOPs of one item with every layer at `width`: one image for vision, one token for an LM."""
+    widths = [width] * config.n_layer
+    tokens = vision_tokens(config) if isinstance(config, MatMambaVisionConfig) else 1
+    return count_flops(config, widths, tokens)

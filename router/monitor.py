@@ -14,8 +14,6 @@ Exit status: 0, or 1 when the endpoint cannot be read, or 4 with `--once` when i
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-# z for a two-sided 95% Wilson interval on the observed escalation rate.
-Z95 = 1.959963984540054
+from edge.calibration import expected_band, outside_band, wilson
+
 DRIFT_EXIT = 4
 
 
@@ -70,32 +68,9 @@ def parse(text: str) -> Snapshot:
     return Snapshot(items, escalations, degraded, window, thresholds)
 
 
-def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (0..1 when n is 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def expected_band(path: Path) -> tuple[float, float, float]:
-    """(expected rate, low, high) from a thresholds file written by router.tune."""
-    data = json.loads(path.read_text())
-    exp = data.get("expected_escalation")
-    if not isinstance(exp, dict) or "rate" not in exp or "ci95" not in exp:
-        raise ValueError(f"{path} has no expected_escalation band; write it with `python -m router.tune`")
-    low, high = exp["ci95"]
-    return float(exp["rate"]), float(low), float(high)
-
-
 def drifted(snap: Snapshot, band: tuple[float, float, float] | None) -> bool:
     """True when the observed rate's 95% interval does not overlap the calibrated band."""
-    if band is None or snap.total == 0:
-        return False
-    low, high = wilson(snap.escalations, snap.total)
-    return high < band[1] or low > band[2]
+    return band is not None and outside_band(snap.escalations, snap.total, band)
 
 
 def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, float] | None) -> Table:

@@ -160,8 +160,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
                                for rows in escalated))
         record_items(core, "Classify", served)
         names = core.info.class_names
-        results = [pb.ImageResult(predicted_class=int(k), label=names[k] if k < len(names) else "", served_by=s)
-                   for k, s in zip(probs.argmax(-1).tolist(), served)]
+        results = [pb.ImageResult(predicted_class=int(k), label=names[k] if k < len(names) else "", served_by=s,
+                                  edge_predicted_class=int(e))
+                   for k, e, s in zip(probs.argmax(-1).tolist(), edge.probs.argmax(-1).tolist(), served)]
         return pb.ClassifyReply(probs=to_tensor_msg(probs), results=results), served
 
     async def _escalate_images(self, images: np.ndarray, rows: np.ndarray, rid: str, probs: np.ndarray,
@@ -258,7 +259,8 @@ def model_info(core: RouterCore) -> pb.ModelInfoReply:
         served_width=info.edge_width, served_level=info.edge_level,
         supported_levels=sorted(info.d_model // w for w in widths),
         supported_widths=sorted(widths, reverse=True), tier=pb.EDGE, checkpoint_sha256=info.fingerprint,
-        server_version=SERVER_VERSION, device=info.device, max_batch_size=core.limits.max_batch)
+        server_version=SERVER_VERSION, device=info.device, max_batch_size=core.limits.max_batch,
+        flops_per_item=info.flops_per_item)
     if info.task == "vision":
         reply.vision.CopyFrom(pb.VisionInfo(num_classes=info.num_classes, class_names=info.class_names,
                                             image_size=info.image_size, channels=info.channels,

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge.calibration import Curve, tradeoff
+
 from .confidence import MEASURES, VISION
 from .thresholds import Thresholds, ThresholdsError, parse_thresholds
 
@@ -173,29 +175,6 @@ def build_records(edge_probs: np.ndarray, cloud_probs: np.ndarray, labels: np.nd
 
 
 # ------------------------------------------------------------------ trade-off curves
-
-
-@dataclass
-class Curve:
-    """One measure: candidate thresholds (ascending) and, at each, escalation rate and cascade accuracy."""
-
-    measure: str
-    thresholds: np.ndarray
-    escalation: np.ndarray
-    accuracy: np.ndarray
-
-
-def tradeoff(conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, measure: str = "") -> Curve:
-    """For each threshold t in the sorted unique confidences: mean(conf < t) and the cascade accuracy."""
-    n = conf.shape[0]
-    order = np.argsort(conf, kind="stable")
-    c = conf[order]
-    # Cascade correct = cloud_correct if escalated else edge_correct = edge + escalated * (cloud - edge).
-    gain = np.concatenate([[0], np.cumsum(cloud_correct[order].astype(np.int64) - edge_correct[order])])
-    thresholds = np.unique(c)
-    escalated = np.searchsorted(c, thresholds, side="left")  # items with conf < t
-    accuracy = (edge_correct.sum() + gain[escalated]) / n
-    return Curve(measure, thresholds, escalated / n, accuracy)
 
 
 def oracle_curve(edge_correct: np.ndarray, cloud_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

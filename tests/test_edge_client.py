@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.__main__ import ClassifyRow, TierWriter, build_parser, format_row, summarize
+from edge.__main__ import ClassifyRow, build_parser, format_row, summarize
 from edge.client import Prediction, Served
 from edge.images import as_batch, expand_paths, load_image_file, load_images
+from edge.streaming import TierWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_client_and_cli_never_import_torch() -> None:
-    code = ("import sys, edge.client, edge.__main__, edge.images; "
+    code = ("import sys, edge.client, edge.__main__, edge.images, edge.demo, edge.streaming, edge.calibration; "
             "bad = [m for m in ('torch', 'matmamba', 'ray') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

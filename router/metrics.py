@@ -18,6 +18,13 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
 | ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
+| ``router_traffic_log_records_total`` | counter | outcome | log records: written, dropped (queue full), failed |
+| ``router_shadow_total`` | counter | method, outcome | shadow escalations: sent, dropped, answered, failed |
+| ``router_shadow_inflight`` | gauge | | shadow calls in flight |
+| ``router_shadow_compared_total`` | counter | method | kept items compared with a shadow cloud answer |
+| ``router_shadow_agreed_total`` | counter | method | of those, items where edge and cloud top-1 agree |
+| ``router_shadow_agreement`` | gauge | method | agreement over the last ``WINDOW`` shadow comparisons |
+| ``router_shadow_window_items`` | gauge | method | comparisons in that window (for its interval) |
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ SECONDS_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.015, 0.
 
 
 class EscalationWindow:
-    """Fraction of escalations among the last ``size`` routing decisions."""
+    """Fraction of escalations (or of any yes/no outcome) among the last ``size`` routing decisions."""
 
     def __init__(self, size: int = WINDOW) -> None:
         self._decisions: deque[bool] = deque(maxlen=size)
@@ -62,6 +69,10 @@ class EscalationWindow:
     @property
     def rate(self) -> float:
         return self._escalated / len(self._decisions) if self._decisions else 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self._decisions)
 
 
 class RouterMetrics:
@@ -91,6 +102,19 @@ class RouterMetrics:
         self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
                                          ["replica"], registry=r)
         self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
+        self.traffic_log_records = Counter("router_traffic_log_records", "Traffic log records by outcome.",
+                                           ["outcome"], registry=r)
+        self.shadow = Counter("router_shadow", "Shadow escalations by outcome.", ["method", "outcome"], registry=r)
+        self.shadow_inflight = Gauge("router_shadow_inflight", "Shadow calls in flight.", registry=r)
+        self.shadow_compared = Counter("router_shadow_compared", "Kept items compared with a shadow cloud answer.",
+                                       ["method"], registry=r)
+        self.shadow_agreed = Counter("router_shadow_agreed", "Shadow-compared items whose edge and cloud top-1 agree.",
+                                     ["method"], registry=r)
+        self.shadow_agreement = Gauge("router_shadow_agreement",
+                                      f"Agreement over the last {WINDOW} shadow comparisons.", ["method"], registry=r)
+        self.shadow_window = Gauge("router_shadow_window_items", "Shadow comparisons in the agreement window.",
+                                   ["method"], registry=r)
+        self._agreement: dict[str, EscalationWindow] = {}
         self._windows: dict[str, EscalationWindow] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +130,16 @@ class RouterMetrics:
         if count:
             self.escalations.labels(method=method).inc(count)
         self.escalation_rate.labels(method=method).set(window.rate)
+
+    def record_shadow(self, method: str, agree: np.ndarray) -> None:
+        """Shadow comparisons of kept items: counters and the sliding agreement window."""
+        window = self._agreement.setdefault(method, EscalationWindow())
+        for value in agree.tolist():
+            window.add(bool(value))
+        self.shadow_compared.labels(method=method).inc(agree.size)
+        self.shadow_agreed.labels(method=method).inc(int(np.count_nonzero(agree)))
+        self.shadow_agreement.labels(method=method).set(window.rate)
+        self.shadow_window.labels(method=method).set(window.size)
 
     def record_item(self, method: str, tier: str, degraded: bool, edge_ms: float, cloud_ms: float) -> None:
         """One answered item and its timings."""

@@ -186,7 +186,7 @@ class TrafficLog:
         noop = lambda n: None
         self._on_written, self._on_dropped = on_written or noop, on_dropped or noop
         self._on_failed = on_failed or noop
-        self.written = self.dropped = self.failed = 0
+        self.accepted = self.written = self.dropped = self.failed = 0
         self._file: Any = None
         self._size = 0
         self._index = max((int(FILE_PATTERN.match(p.name).group(1)) for p in log_files(self.directory)), default=0)
@@ -218,7 +218,13 @@ class TrafficLog:
             self.dropped += 1
             self._on_dropped(1)
             return False
+        self.accepted += 1
         return True
+
+    @property
+    def idle(self) -> bool:
+        """Whether every accepted record has been written (or has failed)."""
+        return self.written + self.failed >= self.accepted
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, fsync and close (waits up to ``timeout_s`` for the writer)."""

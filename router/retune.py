@@ -17,7 +17,8 @@ stands for N_stratum / n_observed items (1/p for shadows, up to shadows lost to 
 The estimated number of disagreements among the items a threshold t would keep, D(t), is the
 weighted sum over observed items with confidence >= t; the estimated **cascade agreement** with
 a cloud-only router is 1 - D(t) / N, with a normal-approximation 95 % interval from the
-stratified-sampling variance. Without shadow samples only the escalation side is known.
+stratified-sampling variance (Agresti-Coull shares, so that a stratum where no disagreement was
+seen still carries uncertainty). Without shadow samples only the escalation side is known.
 
 **Operating point.** The current policy's escalation rate (95 % Clopper-Pearson), the agreement
 on kept items from shadows (95 % Wilson with the Kish effective sample size), and the cascade
@@ -157,8 +158,10 @@ def cascade_agreement(items: LogItems, measure: str, thresholds: np.ndarray) -> 
         bad = np.sort(conf[observed & ~items.agree])
         m = (bad.size - np.searchsorted(bad, thresholds, side="left")) / small_n
         disagree += big_n * m
-        if small_n > 1:  # stratified sampling of a 0/1 variable, finite-population corrected
-            variance += big_n ** 2 * (1 - small_n / big_n) * m * (1 - m) / (small_n - 1)
+        # Stratified sampling of a 0/1 variable, finite-population corrected; the variance uses the
+        # Agresti-Coull share (x + 2) / (n + 4), so that a stratum with no disagreement seen is not certain.
+        m_ac = (m * small_n + 2) / (small_n + 4)
+        variance += big_n ** 2 * (1 - small_n / big_n) * m_ac * (1 - m_ac) / small_n
     return 1.0 - disagree / items.n, np.sqrt(variance) / items.n
 
 

@@ -7,7 +7,9 @@ Every `--interval` seconds it reads the router's Prometheus endpoint and prints 
 items answered per tier, the escalation rate (all time, the router's sliding window, and since
 the last reading), degraded answers, and the thresholds in force. With `--thresholds` (a file
 written by `python -m router.tune`) it also shows the expected escalation rate and its 95% band,
-and says DRIFT when the observed rate's own 95% interval lies outside that band.
+and says DRIFT when the observed rate's own 95% interval lies outside that band (all time, and
+for the items since the last reading). With shadow escalation on (router --shadow-rate) it also
+shows the estimated edge/cloud agreement on kept items with its 95% Wilson interval.
 Exit status: 0, or 1 when the endpoint cannot be read, or 4 with `--once` when it says DRIFT.
 """
 
@@ -152,6 +154,10 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
     if band is not None:
         table.add_row("calibrated rate", f"{band[0]:.2%}  (95% {band[1]:.2%} - {band[2]:.2%})")
         table.add_row("status", "[bold red]DRIFT[/]" if drifted(snap, band) else "[green]within band[/]")
+        if previous is not None and snap.total > previous.total:
+            recent = Snapshot({"": snap.total - previous.total}, snap.escalations - previous.escalations, 0.0, 0.0, {})
+            table.add_row("status, since last reading",
+                          "[bold red]DRIFT[/]" if drifted(recent, band) else "[green]within band[/]")
     return table
 
 

@@ -98,3 +98,18 @@ def test_monitor_shows_the_live_agreement_with_its_interval() -> None:
     assert "edge/cloud agreement, router window" in rows
     render(snap, None, None)  # the table builds
     assert shadow_rows(parse(generate_latest(RouterMetrics().registry).decode()), None) == []
+
+
+def test_monitor_judges_the_last_reading_as_well_as_all_time() -> None:
+    from rich.console import Console
+
+    from router.monitor import Snapshot
+
+    band = (0.2, 0.17, 0.23)
+    previous = Snapshot({"edge": 400, "cloud": 600}, 600, 0.0, 0.0, {})  # 60 % escalated: the shift
+    now = Snapshot({"edge": 1200, "cloud": 800}, 800, 0.0, 0.0, {})  # the last 1,000 items: 20 %
+    console = Console(record=True, width=120)
+    console.print(render(now, previous, band))
+    text = console.export_text()
+    assert "DRIFT" in text.split("status, since last reading")[0]
+    assert "within band" in text.split("status, since last reading")[1]

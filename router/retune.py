@@ -72,57 +72,59 @@ class LogItems:
     def n(self) -> int:
         return int(self.escalated.shape[0])
 
-    def tail(self, mask: np.ndarray) -> LogItems:
+    def select(self, mask: np.ndarray) -> LogItems:
         return LogItems({k: v[mask] for k, v in self.conf.items()}, self.escalated[mask], self.degraded[mask],
                         self.agree[mask], self.source[mask], self.shadow_rate[mask], self.t[mask], self.last,
                         self.notes)
 
 
-def _shadow_answers(shadows: list[dict[str, Any]], notes: Counter) -> dict[tuple[str, int], bool]:
-    """(request key, item) -> agreement, from the answered shadow records."""
-    answers = {}
-    for rec in shadows:
-        if "agree" not in rec:
-            notes["shadow failed"] += len(rec.get("items", ()))
-            continue
-        for item, agree in zip(rec["items"], rec["agree"]):
-            answers[(rec["key"], item)] = bool(agree)
-    return answers
+def _item_row(rec: dict[str, Any], item: dict[str, Any]) -> list[Any]:
+    """[conf, escalated, degraded, agree, source, shadow rate, t, fingerprint, method] of one logged item."""
+    cloud = item["cloud"] if item["tier"] == "cloud" else None
+    source, agree = (ESCALATED, item["edge"][0][0] == cloud[0][0]) if cloud is not None else (0, False)
+    return [item["conf"], item["escalated"], item["degraded"], agree, source, rec["shadow_rate"], rec["t"],
+            rec["fingerprint"], rec["method"]]
 
 
-def load_items(directory: str | Path, method: str | None = None) -> LogItems:
-    """Items of the log for one method and checkpoint (the newest request's unless ``method`` is given)."""
-    requests, shadows = [], []
+def _join_shadow(rec: dict[str, Any], rows: list[list[Any]], waiting: dict[tuple[str, int], int],
+                 notes: Counter) -> None:
+    """Mark the items a shadow record answered (its request record came before it)."""
+    answered = rec.get("agree")
+    if answered is None:
+        notes["shadow failed"] += len(rec.get("items", ()))
+    for n, item in enumerate(rec.get("items", ())):
+        row = waiting.pop((rec["key"], item), None)
+        if row is not None and answered is not None:
+            rows[row][3], rows[row][4] = bool(answered[n]), SHADOW
+
+
+def load_items(directory: str | Path, method: str | None = None, since: float | None = None) -> LogItems:
+    """Items of the log for one method and checkpoint (the newest request's unless ``method`` is given).
+
+    Records are read one at a time; only a small row per item is kept (a full log fits in memory).
+    """
+    rows: list[list[Any]] = []
+    waiting: dict[tuple[str, int], int] = {}  # (request key, item) of sent shadows -> row
+    last, notes = None, Counter()
     for rec in read_records(directory):
-        (requests if rec.get("kind") == "request" else shadows if rec.get("kind") == "shadow" else []).append(rec)
-    if not requests:
-        raise ValueError(f"{directory} holds no request records; is it the --traffic-log directory of a router "
-                         "that has answered requests?")
-    wanted = [r for r in requests if method is None or r["method"] == method]
-    if not wanted:
-        raise ValueError(f"{directory} holds no {method} requests (methods: {sorted({r['method'] for r in requests})})")
-    last = wanted[-1]
-    notes: Counter = Counter()
-    keep = [r for r in wanted if r["fingerprint"] == last["fingerprint"] and r["method"] == last["method"]]
-    notes["request records skipped (other method or checkpoint)"] = len(requests) - len(keep)
-    answers = _shadow_answers(shadows, notes)
-    rows = []
-    for rec in keep:
+        kind = rec.get("kind")
+        if kind == "shadow":
+            _join_shadow(rec, rows, waiting, notes)
+        if kind != "request" or (method and rec["method"] != method) or (since is not None and rec["t"] < since):
+            continue
+        last = rec
         for i, item in enumerate(rec["items"]):
-            cloud = item["cloud"] if item["tier"] == "cloud" else None
-            shadow = answers.get((rec["key"], i))
-            if cloud is not None:
-                source, agree = ESCALATED, item["edge"][0][0] == cloud[0][0]
-            elif shadow is not None:
-                source, agree = SHADOW, shadow
-            else:
-                source, agree = 0, False
+            if item.get("shadow") == "sent":
+                waiting[(rec["key"], i)] = len(rows)
             notes["shadow dropped under load"] += item.get("shadow") == "dropped"
-            rows.append((item["conf"], item["escalated"], item["degraded"], agree, source, rec["shadow_rate"],
-                         rec["t"]))
-    measures = list(rows[0][0])
-    conf = {m: np.array([r[0][m] for r in rows], dtype=np.float64) for m in measures}
-    cols = list(zip(*[r[1:] for r in rows]))
+            rows.append(_item_row(rec, item))
+    if last is None:
+        raise ValueError(f"{directory} holds no {method or ''} request records{' since then' if since else ''}; is "
+                         "it the --traffic-log directory of a router that has answered requests?")
+    keep = [r for r in rows if r[7] == last["fingerprint"] and r[8] == last["method"]]
+    notes["items skipped (other method or checkpoint)"] = len(rows) - len(keep)
+    conf = {m: np.array([r[0][m] for r in keep], dtype=np.float64) for m in keep[0][0]}
+    cols = list(zip(*[r[1:7] for r in keep]))
     return LogItems(conf, np.array(cols[0], bool), np.array(cols[1], bool), np.array(cols[2], bool),
                     np.array(cols[3], np.int8), np.array(cols[4], np.float64), np.array(cols[5], np.float64), last,
                     dict(notes))
@@ -217,13 +219,12 @@ def _since(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
-def _window(items: LogItems, args: argparse.Namespace) -> LogItems:
-    mask = np.ones(items.n, bool)
-    if args.since:
-        mask &= items.t >= _since(args.since)
-    if args.last:
-        mask[np.flatnonzero(mask)[:-args.last]] = False
-    return items.tail(mask)
+def _window(items: LogItems, last: int | None) -> LogItems:
+    if not last or last >= items.n:
+        return items
+    mask = np.zeros(items.n, bool)
+    mask[-last:] = True
+    return items.select(mask)
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -364,11 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check(p, args)
     try:
-        items = _window(load_items(args.from_log, args.method), args)
+        items = _window(load_items(args.from_log, args.method, _since(args.since) if args.since else None), args.last)
     except ValueError as err:
         p.error(str(err))
-    if items.n == 0:
-        p.error("no items in the window (--since / --last)")
     policy = items.last["thresholds"]
     target = args.target_escalation if args.target_escalation is not None else (policy.get("target") or None)
     measure = args.measure or policy["measure"]

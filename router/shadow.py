@@ -161,8 +161,11 @@ class TrafficTap:
         key = f"{self._boot}-{next(self._seq)}"
         rows = self.shadow.pick(~obs.escalated) if self.shadow is not None else np.empty(0, dtype=np.int64)
         sent = bool(rows.size) and self.shadow.admit(obs.method)
+        limit = self.shadow.cloud.max_batch if sent else 0
+        over = rows[limit:] if limit else rows[:0]  # more than the cloud takes in one call: not sent
+        rows = rows[:limit] if limit else rows
         if self.log is not None:
-            marks = dict.fromkeys(rows.tolist(), SENT if sent else DROPPED)
+            marks = dict.fromkeys(rows.tolist(), SENT if sent else DROPPED) | dict.fromkeys(over.tolist(), DROPPED)
             rate = self.shadow.settings.rate if self.shadow is not None else 0.0
             self.log.submit(request_record(obs, key=key, task=self.task, fingerprint=self.fingerprint,
                                            edge_level=self.edge_level, shadow_rate=rate, shadow=marks,

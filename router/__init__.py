@@ -7,5 +7,6 @@ escalates the doubtful inputs to full-width cloud replicas.
 Modules: ``ray_setup`` (the one ``init_ray``), ``confidence`` (measures), ``thresholds`` (the
 policy file), ``escalation`` (cloud replicas: balancing, health, retry, breakers), ``edge_pool``
 (the actors), ``service`` / ``generation`` / ``admin`` (the gRPC servicers), ``metrics``,
-``server`` (assembly, health, shutdown).
+``server`` (assembly, health, shutdown), ``traffic_log`` / ``shadow`` (the per-request log and
+shadow escalation), ``tune`` / ``retune`` / ``monitor`` (the operator's tools).
 """

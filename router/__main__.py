@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU edge workers (default: one per GPU Ray sees; 0 = run on the CPU)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help="seconds in-flight requests may drain on SIGTERM (default %(default)s)")
+    p.add_argument("--traffic-log", type=Path, default=None,
+                   help="append one msgpack record per request to rolling files in this directory (docs/ROUTER.md)")
+    p.add_argument("--traffic-log-max-mb", type=float, default=d.traffic_log_max_mb,
+                   help="disk the traffic log may use, all files together (default %(default)s)")
+    p.add_argument("--traffic-log-files", type=int, default=d.traffic_log_files,
+                   help="files the traffic log rotates through; the oldest is deleted (default %(default)s)")
+    p.add_argument("--log-inputs", action="store_true",
+                   help="also store request inputs (images, token ids) in the traffic log; off for privacy")
+    p.add_argument("--log-inputs-max-kb", type=float, default=d.log_inputs_max_kb,
+                   help="with --log-inputs: larger inputs of a request are left out (default %(default)s)")
+    p.add_argument("--shadow-rate", type=float, default=d.shadow_rate,
+                   help="share of confidently answered items also sent to the cloud in the background, to "
+                        "estimate edge/cloud agreement (default %(default)s)")
+    p.add_argument("--shadow-max-inflight", type=int, default=d.shadow_max_inflight,
+                   help="shadow calls at once; more are dropped (default %(default)s)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default %(default)s)")
     return p
 
@@ -73,7 +88,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         segment_tokens=args.segment_tokens, health_interval_ms=args.health_interval_ms,
         thresholds_poll_ms=args.thresholds_poll_ms,
         breaker_failures=args.breaker_failures, breaker_cooldown_ms=args.breaker_cooldown_ms,
-        edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace)
+        edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace, traffic_log=args.traffic_log,
+        traffic_log_max_mb=args.traffic_log_max_mb, traffic_log_files=args.traffic_log_files,
+        log_inputs=args.log_inputs, log_inputs_max_kb=args.log_inputs_max_kb, shadow_rate=args.shadow_rate,
+        shadow_max_inflight=args.shadow_max_inflight)
 
 
 def main(argv: list[str] | None = None) -> int:

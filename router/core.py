@@ -40,6 +40,7 @@ class RouterCore:
     metrics: RouterMetrics
     tokenizer: Any = None  # LM checkpoints: encode(text) -> ids, decode(ids) -> text, eos_id
     segment_tokens: int = 8  # generation: tokens per edge segment judged as one
+    traffic: Any = None  # router.shadow.TrafficTap when --traffic-log or --shadow-rate is set
 
     def level_of(self, width: int) -> int:
         """Nesting level of ``width`` (d_model / width); 0 for width 0."""

@@ -20,6 +20,13 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
 | ``router_escalation_expected`` | gauge | bound | calibrated rate (bound=rate), its 95% band (low, high) |
 | ``router_escalation_drift`` | gauge | method | 1 while the window's 95% interval misses the band, else 0 |
+| ``router_traffic_log_records_total`` | counter | outcome | log records: written, dropped (queue full), failed |
+| ``router_shadow_total`` | counter | method, outcome | shadow escalations: sent, dropped, answered, failed |
+| ``router_shadow_inflight`` | gauge | | shadow calls in flight |
+| ``router_shadow_compared_total`` | counter | method | kept items compared with a shadow cloud answer |
+| ``router_shadow_agreed_total`` | counter | method | of those, items where edge and cloud top-1 agree |
+| ``router_shadow_agreement`` | gauge | method | agreement over the last ``WINDOW`` shadow comparisons |
+| ``router_shadow_window_items`` | gauge | method | comparisons in that window (for its interval) |
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ SECONDS_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.015, 0.
 
 
 class EscalationWindow:
-    """Fraction of escalations among the last ``size`` routing decisions."""
+    """Fraction of escalations (or of any yes/no outcome) among the last ``size`` routing decisions."""
 
     def __init__(self, size: int = WINDOW) -> None:
         self._decisions: deque[bool] = deque(maxlen=size)
@@ -110,6 +117,19 @@ class RouterMetrics:
                            "calibrated band.", ["method"], registry=r)
         self._band: tuple[float, float, float] | None = None  # from the thresholds file, when it has one
         self._drifting: dict[str, bool] = {}
+        self.traffic_log_records = Counter("router_traffic_log_records", "Traffic log records by outcome.",
+                                           ["outcome"], registry=r)
+        self.shadow = Counter("router_shadow", "Shadow escalations by outcome.", ["method", "outcome"], registry=r)
+        self.shadow_inflight = Gauge("router_shadow_inflight", "Shadow calls in flight.", registry=r)
+        self.shadow_compared = Counter("router_shadow_compared", "Kept items compared with a shadow cloud answer.",
+                                       ["method"], registry=r)
+        self.shadow_agreed = Counter("router_shadow_agreed", "Shadow-compared items whose edge and cloud top-1 agree.",
+                                     ["method"], registry=r)
+        self.shadow_agreement = Gauge("router_shadow_agreement",
+                                      f"Agreement over the last {WINDOW} shadow comparisons.", ["method"], registry=r)
+        self.shadow_window = Gauge("router_shadow_window_items", "Shadow comparisons in the agreement window.",
+                                   ["method"], registry=r)
+        self._agreement: dict[str, EscalationWindow] = {}
         self._windows: dict[str, EscalationWindow] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -142,6 +162,16 @@ class RouterMetrics:
                 log.info("escalation rate (%s) back within the calibrated band: %.1f%%", method, 100 * window.rate)
         self._drifting[method] = outside
         self.drift.labels(method=method).set(1.0 if outside else 0.0)
+
+    def record_shadow(self, method: str, agree: np.ndarray) -> None:
+        """Shadow comparisons of kept items: counters and the sliding agreement window."""
+        window = self._agreement.setdefault(method, EscalationWindow())
+        for value in agree.tolist():
+            window.add(bool(value))
+        self.shadow_compared.labels(method=method).inc(agree.size)
+        self.shadow_agreed.labels(method=method).inc(int(np.count_nonzero(agree)))
+        self.shadow_agreement.labels(method=method).set(window.rate)
+        self.shadow_window.labels(method=method).set(window.size)
 
     def record_item(self, method: str, tier: str, degraded: bool, edge_ms: float, cloud_ms: float) -> None:
         """One answered item and its timings."""

@@ -7,7 +7,9 @@ Every `--interval` seconds it reads the router's Prometheus endpoint and prints 
 items answered per tier, the escalation rate (all time, the router's sliding window, and since
 the last reading), degraded answers, and the thresholds in force. With `--thresholds` (a file
 written by `python -m router.tune`) it also shows the expected escalation rate and its 95% band,
-and says DRIFT when the observed rate's own 95% interval lies outside that band.
+and says DRIFT when the observed rate's own 95% interval lies outside that band (all time, and
+for the items since the last reading). With shadow escalation on (router --shadow-rate) it also
+shows the estimated edge/cloud agreement on kept items with its 95% Wilson interval.
 Exit status: 0, or 1 when the endpoint cannot be read, or 4 with `--once` when it says DRIFT.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +28,10 @@ from rich.table import Table
 from edge.calibration import expected_band, outside_band, wilson
 
 DRIFT_EXIT = 4
+# Shadow-escalation samples -> Snapshot.shadow key ("" = the sample's outcome label: sent, dropped, ...).
+SHADOW_SAMPLES = {"router_shadow_compared_total": "compared", "router_shadow_agreed_total": "agreed",
+                  "router_shadow_window_items": "window_n", "router_shadow_agreement": "window_rate",
+                  "router_shadow_total": ""}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Snapshot:
     degraded: float
     window_rate: float  # the router's own sliding-window rate (max over methods)
     thresholds: dict[str, str]  # router_thresholds_info labels
+    shadow: dict[str, float] = field(default_factory=dict)  # compared, agreed, window_rate, window_n, outcomes
 
     @property
     def total(self) -> float:
@@ -52,9 +59,13 @@ def parse(text: str) -> Snapshot:
     items: dict[str, float] = {}
     escalations = degraded = window = 0.0
     thresholds: dict[str, str] = {}
+    shadow: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "router_items_total":
+            if sample.name in SHADOW_SAMPLES:
+                key = SHADOW_SAMPLES[sample.name] or sample.labels.get("outcome", "")
+                shadow[key] = shadow.get(key, 0.0) + sample.value
+            elif sample.name == "router_items_total":
                 tier = sample.labels.get("tier", "")
                 items[tier] = items.get(tier, 0.0) + sample.value
             elif sample.name == "router_escalations_total":
@@ -65,12 +76,36 @@ def parse(text: str) -> Snapshot:
                 window = max(window, sample.value)
             elif sample.name == "router_thresholds_info":
                 thresholds = dict(sample.labels)
-    return Snapshot(items, escalations, degraded, window, thresholds)
+    return Snapshot(items, escalations, degraded, window, thresholds, shadow)
 
 
 def drifted(snap: Snapshot, band: tuple[float, float, float] | None) -> bool:
     """True when the observed rate's 95% interval does not overlap the calibrated band."""
     return band is not None and outside_band(snap.escalations, snap.total, band)
+
+
+def shadow_rows(snap: Snapshot, previous: Snapshot | None) -> list[tuple[str, str]]:
+    """Rows of the estimated edge/cloud agreement on kept items, from shadow escalations (none without them)."""
+    sh = snap.shadow
+    if not sh.get("sent") and not sh.get("dropped"):
+        return []
+    compared, agreed = sh.get("compared", 0.0), sh.get("agreed", 0.0)
+    rows = [("shadow escalations", f"{sh.get('answered', 0):,.0f} answered, {sh.get('dropped', 0):,.0f} dropped "
+                                   f"under load, {sh.get('failed', 0):,.0f} failed")]
+    if compared:
+        low, high = wilson(agreed, compared)
+        rows.append(("edge/cloud agreement on kept items, all time",
+                     f"{agreed / compared:.2%}  (95% {low:.2%} - {high:.2%}, n={compared:,.0f})"))
+    if previous is not None and compared > previous.shadow.get("compared", 0.0):
+        k, n = agreed - previous.shadow.get("agreed", 0.0), compared - previous.shadow.get("compared", 0.0)
+        low, high = wilson(k, n)
+        rows.append(("edge/cloud agreement, since last reading",
+                     f"{k / n:.2%}  (95% {low:.2%} - {high:.2%}, n={n:,.0f})"))
+    if sh.get("window_n"):
+        k, n = sh.get("window_rate", 0.0) * sh["window_n"], sh["window_n"]
+        low, high = wilson(k, n)
+        rows.append(("edge/cloud agreement, router window", f"{k / n:.2%}  (95% {low:.2%} - {high:.2%}, n={n:,.0f})"))
+    return rows
 
 
 def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, float] | None) -> Table:
@@ -86,12 +121,18 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
         recent = (snap.escalations - previous.escalations) / (snap.total - previous.total)
         table.add_row("escalation rate, since last reading", f"{recent:.2%}")
     table.add_row("degraded answers", f"{snap.degraded:,.0f}")
+    for name, value in shadow_rows(snap, previous):
+        table.add_row(name, value)
     if snap.thresholds:
         table.add_row("thresholds", f"{snap.thresholds.get('measure')} >= {snap.thresholds.get('threshold')} "
                                     f"(version {snap.thresholds.get('version')})")
     if band is not None:
         table.add_row("calibrated rate", f"{band[0]:.2%}  (95% {band[1]:.2%} - {band[2]:.2%})")
         table.add_row("status", "[bold red]DRIFT[/]" if drifted(snap, band) else "[green]within band[/]")
+        if previous is not None and snap.total > previous.total:
+            recent = Snapshot({"": snap.total - previous.total}, snap.escalations - previous.escalations, 0.0, 0.0, {})
+            table.add_row("status, since last reading",
+                          "[bold red]DRIFT[/]" if drifted(recent, band) else "[green]within band[/]")
     return table
 
 

@@ -36,7 +36,9 @@ from .edge_pool import EdgePool, EdgeSettings
 from .escalation import EscalationSettings, Replica, ReplicaPool, split_dns_target
 from .metrics import RouterMetrics
 from .service import RouterServicer
+from .shadow import ShadowSender, ShadowSettings, TrafficTap
 from .thresholds import ThresholdsError, ThresholdStore
+from .traffic_log import LogSettings, TrafficLog
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,13 @@ class RouterConfig:
     default_max_tokens: int = 64
     max_seq_len: int = 2048
     grace_s: float = 10.0
+    traffic_log: Path | None = None  # directory of the traffic log; None = no log
+    traffic_log_max_mb: float = 256.0
+    traffic_log_files: int = 8
+    log_inputs: bool = False  # store request inputs in the traffic log (privacy: off by default)
+    log_inputs_max_kb: float = 64.0  # inputs of a request larger than this are left out of its record
+    shadow_rate: float = 0.0  # share of kept items also sent to the cloud in the background
+    shadow_max_inflight: int = 4
 
     def __post_init__(self) -> None:
         for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
@@ -85,12 +94,28 @@ class RouterConfig:
         for address in self.cloud:
             split_dns_target(address)  # ValueError for a malformed dns:///NAME:PORT
         self.escalation()  # validates the escalation flags
+        self.shadow()
+        self.traffic_log_settings()
+        if self.log_inputs and self.traffic_log is None:
+            raise ValueError("--log-inputs needs --traffic-log DIR (the inputs are stored in the traffic log)")
 
     def escalation(self) -> EscalationSettings:
         """The escalation knobs of this config (validated)."""
         return EscalationSettings(deadline_s=self.deadline_ms / 1e3, breaker_failures=self.breaker_failures,
                                   breaker_cooldown_s=self.breaker_cooldown_ms / 1e3,
                                   health_interval_s=self.health_interval_ms / 1e3)
+
+    def shadow(self) -> ShadowSettings:
+        """Shadow escalation knobs (validated)."""
+        return ShadowSettings(rate=self.shadow_rate, max_inflight=self.shadow_max_inflight)
+
+    def traffic_log_settings(self) -> LogSettings | None:
+        """The traffic log's settings (validated), or None without --traffic-log."""
+        if self.traffic_log is None:
+            return None
+        return LogSettings(self.traffic_log, max_bytes=int(self.traffic_log_max_mb * MIB),
+                           max_files=self.traffic_log_files, log_inputs=self.log_inputs,
+                           max_input_bytes=int(self.log_inputs_max_kb * 1024))
 
     def edge(self) -> EdgeSettings:
         """How to run the edge workers."""
@@ -155,6 +180,7 @@ class RouterServer:
         tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
         self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
                                cfg.segment_tokens)
+        self.core.traffic = self._traffic_tap(info, cloud)
         await cloud.start()
         self._bind()
         await self.server.start()
@@ -167,6 +193,21 @@ class RouterServer:
         log.info("router serving %s at edge level %d (width %d) on %s; cloud %s; thresholds %s %s (%s)", info.task,
                  info.edge_level, info.edge_width, self.address, ",".join(cfg.cloud) or "(none)",
                  store.current.measure, store.current.threshold, store.current.version)
+
+    def _traffic_tap(self, info: EdgeInfo, cloud: ReplicaPool) -> TrafficTap | None:
+        """The traffic log writer and shadow sender the flags ask for (None when neither)."""
+        cfg, settings = self.config, self.config.traffic_log_settings()
+        if settings is None and cfg.shadow_rate == 0:
+            return None
+        count = self.metrics.traffic_log_records.labels
+        writer = None if settings is None else TrafficLog(
+            settings, on_written=count(outcome="written").inc, on_dropped=count(outcome="dropped").inc,
+            on_failed=count(outcome="failed").inc).start()
+        shadow = ShadowSender(cfg.shadow(), cloud, self.metrics, writer) if cfg.shadow_rate > 0 else None
+        inputs = settings.max_input_bytes if settings is not None and settings.log_inputs else None
+        log.info("traffic log %s; shadow rate %g", settings.directory if settings else "off", cfg.shadow_rate)
+        return TrafficTap(task=info.task, fingerprint=info.fingerprint, edge_level=info.edge_level, traffic_log=writer,
+                          shadow=shadow, log_inputs_max_bytes=inputs)
 
     def _bind(self) -> None:
         size = 64 * MIB
@@ -208,6 +249,8 @@ class RouterServer:
             log.info("draining in-flight requests (up to %.1f s)", grace)
             await self.server.stop(grace)
         if self.core is not None:
+            if self.core.traffic is not None:
+                await self.core.traffic.close()
             await self.core.cloud.close()
         await self.edge.close()
         self.metrics.close()

@@ -37,6 +37,7 @@ from .core import (
 from .edge_pool import EdgeFailedError, EdgeUnavailableError
 from .escalation import EscalationError
 from .generation import generate_chunks
+from .traffic_log import Observed, next_token_probs
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     @unary_rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext):
         """Edge answer per image; images below the threshold answered by the cloud (or degraded)."""
-        core = self.core
+        core, start = self.core, time.monotonic()
         inputs = validate_classify(request, core.limits)
         rid, policy = inputs.request_id or new_request_id(), core.thresholds.current
         edge = await core.edge.classify(inputs.images, inputs.width)
@@ -159,6 +160,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
         await asyncio.gather(*(self._escalate_images(inputs.images[rows], rows, rid, probs, served)
                                for rows in escalated))
         record_items(core, "Classify", served)
+        if core.traffic is not None:
+            core.traffic.observe(Observed("Classify", rid, start, policy, edge.probs, edge.probs, probs,
+                                          inputs.images, wants, served))
         names = core.info.class_names
         results = [pb.ImageResult(predicted_class=int(k), label=names[k] if k < len(names) else "", served_by=s,
                                   edge_predicted_class=int(e))
@@ -186,7 +190,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     @unary_rpc("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         """Edge log-probabilities per sequence; doubtful sequences scored by the cloud (or degraded)."""
-        core = self.core
+        core, start = self.core, time.monotonic()
         inputs = validate_score(request, core.limits)
         rid, policy = inputs.request_id or new_request_id(), core.thresholds.current
         edge = await core.edge.score(inputs.tokens, inputs.width, inputs.last_only)
@@ -200,6 +204,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
         await asyncio.gather(*(self._escalate_tokens(inputs.tokens[rows], rows, inputs.last_only, rid,
                                                      (logprobs, token_logprobs), served) for rows in escalated))
         record_items(core, "Score", served)
+        if core.traffic is not None:
+            core.traffic.observe(Observed("Score", rid, start, policy, edge.token_logprobs,
+                                          next_token_probs(edge.logprobs), next_token_probs(logprobs), inputs.tokens,
+                                          wants, served))
         reply = pb.ScoreReply(logprobs=to_tensor_msg(logprobs), token_logprobs=to_tensor_msg(token_logprobs),
                               served_by=served)
         return reply, served

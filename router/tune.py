@@ -306,6 +306,11 @@ def _plot(path: str, curves: dict[str, Curve], rec: Records, chosen: tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--from-log" or a.startswith("--from-log=") for a in argv):  # re-tuning from the traffic log
+        from .retune import main as retune_main
+
+        return retune_main(argv)
     p = _parser()
     args = p.parse_args(argv)
     _check_args(p, args)

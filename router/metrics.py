@@ -9,6 +9,8 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_items_total`` | counter | method, tier, degraded | answered items (images, sequences, generation segments) |
 | ``router_escalations_total`` | counter | method | items whose confidence was below the threshold |
 | ``router_escalation_rate`` | gauge | method | fraction escalated over the last ``WINDOW`` routing decisions |
+| ``router_expected_escalation_rate`` | gauge | bound | calibrated rate (``expected``), 95 % band (``low``, ``high``) |
+| ``router_escalation_drift`` | gauge | method | 1 while the window's rate leaves the calibrated band (below) |
 | ``router_degraded_total`` | counter | method | escalations answered by the edge (no replica answered in time) |
 | ``router_confidence`` | histogram | method, measure | edge confidence of every item |
 | ``router_edge_seconds`` | histogram | method | edge time per item (``ServedBy.edge_ms``: micro-batch wait + compute) |
@@ -18,6 +20,13 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
 | ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
+
+Drift: once the window holds at least ``DRIFT_MIN_DECISIONS`` decisions, the window's escalation
+rate is compared with the band of the thresholds in force (``expected_escalation`` of a tuned
+file): when the rate's own 95 % Wilson interval lies wholly outside the band,
+``router_escalation_drift`` is 1 and a WARNING is logged (once per change; an INFO line when the
+rate is back). Without a band (the built-in default) there is no drift signal. A chain router
+counts an item as escalated when it reaches the cloud.
 """
 
 from __future__ import annotations
@@ -31,11 +40,14 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from .thresholds import Thresholds
+from .tune_stats import wilson
 
 log = logging.getLogger(__name__)
 
 # Routing decisions the escalation-rate gauge looks back over (per method).
 WINDOW = 1000
+# Decisions the window must hold before it is compared with the calibrated band.
+DRIFT_MIN_DECISIONS = 200
 # Replica states (router/escalation.py ReplicaState values), one gauge series each.
 REPLICA_STATES = ("unknown", "healthy", "unhealthy", "open", "half_open", "mismatch")
 # Confidence buckets: log-probabilities (LM measures, neg_entropy) below 0, probabilities in [0, 1].
@@ -62,6 +74,17 @@ class EscalationWindow:
     @property
     def rate(self) -> float:
         return self._escalated / len(self._decisions) if self._decisions else 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self._decisions)
+
+    def outside(self, band: tuple[float, float, float]) -> bool:
+        """True when the window's 95 % interval lies wholly outside ``band`` = (rate, low, high)."""
+        if self.size < DRIFT_MIN_DECISIONS:
+            return False
+        low, high = wilson(self._escalated, self.size)
+        return high < band[1] or low > band[2]
 
 
 class RouterMetrics:
@@ -91,6 +114,13 @@ class RouterMetrics:
         self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
                                          ["replica"], registry=r)
         self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
+        self.expected_rate = Gauge("router_expected_escalation_rate",
+                                   "Calibrated escalation rate of the thresholds in force, and its 95 % band.",
+                                   ["bound"], registry=r)
+        self.drift = Gauge("router_escalation_drift", "1 while the windowed escalation rate is outside the band.",
+                           ["method"], registry=r)
+        self._band: tuple[float, float, float] | None = None
+        self._drifting: dict[str, bool] = {}
         self._windows: dict[str, EscalationWindow] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +136,21 @@ class RouterMetrics:
         if count:
             self.escalations.labels(method=method).inc(count)
         self.escalation_rate.labels(method=method).set(window.rate)
+        self._check_drift(method, window)
+
+    def _check_drift(self, method: str, window: EscalationWindow) -> None:
+        now = self._band is not None and window.outside(self._band)
+        if now != self._drifting.get(method, False):
+            if now:
+                assert self._band is not None
+                log.warning("escalation drift (%s): %.2f%% of the last %d decisions escalated, outside the "
+                            "calibrated band %.2f%% - %.2f%%; re-tune (python -m router.tune) or check the inputs",
+                            method, 100 * window.rate, window.size, 100 * self._band[1],
+                            100 * self._band[2])
+            else:
+                log.info("escalation rate (%s) back within the calibrated band: %.2f%%", method, 100 * window.rate)
+        self._drifting[method] = now
+        self.drift.labels(method=method).set(1.0 if now else 0.0)
 
     def record_item(self, method: str, tier: str, degraded: bool, edge_ms: float, cloud_ms: float) -> None:
         """One answered item and its timings."""
@@ -127,6 +172,9 @@ class RouterMetrics:
         self.thresholds.info({"measure": thresholds.measure, "threshold": repr(thresholds.threshold),
                               "version": thresholds.version, "is_default": str(thresholds.is_default).lower(),
                               "path": thresholds.path})
+        self._band = thresholds.expected_band
+        for bound, value in zip(("expected", "low", "high"), self._band or (thresholds.target_escalation,) * 3):
+            self.expected_rate.labels(bound=bound).set(value)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint in a daemon thread; returns the bound port (0 = any free port)."""

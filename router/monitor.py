@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-# z for a two-sided 95% Wilson interval on the observed escalation rate.
-Z95 = 1.959963984540054
+from .tune_stats import wilson
+
 DRIFT_EXIT = 4
 
 
@@ -68,16 +67,6 @@ def parse(text: str) -> Snapshot:
             elif sample.name == "router_thresholds_info":
                 thresholds = dict(sample.labels)
     return Snapshot(items, escalations, degraded, window, thresholds)
-
-
-def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (0..1 when n is 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def expected_band(path: Path) -> tuple[float, float, float]:

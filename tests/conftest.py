@@ -1,6 +1,9 @@
-"""Shared test setup: the `gpu` marker and small model factories."""
+"""Shared test setup: the `gpu` marker, small model factories and the session's Ray cluster."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,3 +36,19 @@ def small_vision(seed: int = 0, n_layer: int = 2, **block) -> MatMambaVision:
     torch.manual_seed(seed)
     cfg = MatMambaVisionConfig(n_layer=n_layer, patch_size=4, image_size=28, block=small_block_config(**block))
     return MatMambaVision(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator:
+    """One Ray cluster for the whole test session (starting one costs seconds); router.ray_setup.RayInfo."""
+    import ray
+
+    from router.ray_setup import init_ray
+
+    environment = dict(os.environ)  # init_ray sets HOME and RAY_* for Ray's processes; restored after
+    info = init_ray(num_cpus=8)  # logical CPUs: room for every test's actors on a small machine
+    yield info
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(environment)
+    info.cleanup()

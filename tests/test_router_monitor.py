@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from router.metrics import RouterMetrics
-from router.monitor import DRIFT_EXIT, main, wilson
+from router.monitor import DRIFT_EXIT, main
+from router.tune_stats import wilson
 
 
 def serve_metrics(escalated: int, kept: int) -> tuple[RouterMetrics, int]:

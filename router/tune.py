@@ -23,9 +23,11 @@ Operating point:
 - ``--target-escalation R``: for ``--measure`` (default: the measure with the best accuracy
   at rate R), the thresholds with the best accuracy at a cloud rate closest to R without
   exceeding it (one stage: the threshold whose rate is closest to R).
-- ``--max-accuracy-drop D``: chosen on one half of the calibration data, verified on the other
-  half: the one-sided Clopper-Pearson upper bound (level 1 - ``--delta``) of the
-  disagreement-induced error must be <= D, else nothing is written and the exit status is 3.
+- ``--max-accuracy-drop D``: the lowest cloud rate whose accuracy drop vs the full model is
+  <= D with probability >= 1 - ``--delta``: candidates ordered on one half of the calibration
+  data, tested in that order on the other half with an exact binomial upper bound of the drop
+  (router/tune_policy.py, ``pick_by_drop``). When none passes, nothing is written and the exit
+  status is 3.
 
 ``--eval-data`` (never the calibration data) applies the chosen thresholds to a separate set
 and reports the cloud rate, accuracy, drop vs cloud-only, cloud FLOPs saved, and the oracle

@@ -13,8 +13,8 @@ correctly (LM: answered as the cloud would have).
 - :func:`at_target`: the best accuracy at a cloud rate as close to the target as the data
   allow without exceeding it (per grid point of the first stages, the last stage's threshold
   closest to the target; then the best of those).
-- :func:`pick_by_drop`: the lowest cloud rate whose drop vs cloud-only is <= D on one half,
-  verified on the other half with a one-sided Clopper-Pearson bound.
+- :func:`pick_by_drop`: the lowest cloud rate whose drop vs cloud-only is <= D with
+  probability >= 1 - delta (candidates ordered on one half, tested on the other).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from .confidence import get_measure
 from .tune_data import Records
-from .tune_stats import binomial_upper
+from .tune_stats import binomial_lower, binomial_upper
 
 GRID = 60  # quantile-grid thresholds per non-final chain stage
 SPLIT_SEED = 0
@@ -155,10 +155,12 @@ def at_target(points: Points, target: float) -> int:
 
 
 def pareto(points: Points, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Upper envelope of accuracy against cost ``x`` (the best accuracy at each cost or less)."""
+    """Upper envelope of accuracy against cost ``x``: the best accuracy at each cost or less, as steps
+    (the points where it improves, and the largest cost)."""
     order = np.lexsort((-points.accuracy, x))
     xs, acc = x[order], np.maximum.accumulate(points.accuracy[order])
-    keep = np.concatenate([acc[1:] > acc[:-1] + EPS, [True]]) | (np.arange(xs.size) == 0)
+    keep = np.concatenate([[True], acc[1:] > acc[:-1] + EPS])
+    keep[-1] = True
     return xs[keep], acc[keep]
 
 
@@ -166,41 +168,62 @@ def _thresholds_of(points: Points, i: int) -> tuple[float, ...]:
     return tuple(float(t) for t in points.thresholds[i])
 
 
+def drop_upper_bound(cloud_correct: np.ndarray, cascade_correct: np.ndarray, delta: float) -> tuple[float, int, int]:
+    """Upper confidence bound (level 1 - delta) of the accuracy drop, and its counts (worse, better).
+
+    Per item the drop is +1 where the cloud is right and the cascade wrong, -1 the other way round,
+    else 0. Bound: Clopper-Pearson upper bound of P(+1) at delta/2 minus the lower bound of P(-1)
+    at delta/2 (a union bound over the two).
+    """
+    n = cloud_correct.shape[0]
+    worse = int((cloud_correct & ~cascade_correct).sum())
+    better = int((~cloud_correct & cascade_correct).sum())
+    return binomial_upper(worse, n, delta / 2) - binomial_lower(better, n, delta / 2), worse, better
+
+
 def pick_by_drop(rec: Records, measure: str, max_drop: float,
                  delta: float) -> tuple[tuple[float, ...] | None, dict[str, Any]]:
-    """Thresholds chosen on one half and verified on the other, or None (the report's "failure" says why).
+    """Thresholds whose drop vs cloud-only is <= D with probability >= 1 - delta, or None (report says why).
 
-    Selection: the lowest cloud rate whose drop (cloud-only accuracy minus cascade accuracy) is
-    <= D, best accuracy among equals. Verification: the drop can never exceed the share of items
-    answered at an edge stage that is wrong while the cloud is right; its one-sided
-    Clopper-Pearson upper bound at level 1 - delta on the held-out half must be <= D.
+    The calibration set is split in two halves (fixed seed). The selection half orders the
+    candidates: the best-accuracy operating point at each cloud rate, from the highest rate down.
+    The verification half tests them in that order (fixed-sequence testing, each at level delta):
+    a candidate passes when :func:`drop_upper_bound` <= D; the walk stops at the first failure,
+    and the last candidate passed (the lowest cloud rate) is chosen. Testing in an order fixed
+    before looking at the verification half keeps the chance that any passed candidate's true
+    drop exceeds D at most delta.
     """
     perm = np.random.default_rng(SPLIT_SEED).permutation(rec.n)
     half = rec.n // 2
     pick, check = rec.subset(perm[:half]), rec.subset(perm[half:])
     points = chain_points(pick, measure)
-    cloud_acc = pick.cloud_correct.mean()
-    ok = np.flatnonzero(cloud_acc - points.accuracy <= max_drop + EPS)
     report: dict[str, Any] = {"max_accuracy_drop": max_drop, "delta": delta, "split_seed": SPLIT_SEED,
-                              "n_select": pick.n, "n_verify": check.n}
-    if ok.size == 0:
-        report["failure"] = (f"no threshold of {measure} keeps the accuracy drop <= {max_drop} on the selection half "
-                             f"(best drop {cloud_acc - points.accuracy.max():.4f})")
+                              "n_select": pick.n, "n_verify": check.n, "method": "fixed-sequence test, "
+                              "Clopper-Pearson bounds of the paired accuracy difference"}
+    order = np.lexsort((-points.accuracy, -points.cloud_rate))  # highest rate first, best accuracy first
+    candidates, best_acc = [], -1.0
+    for i in order[::-1]:  # lowest rate first: keep points that beat every cheaper one
+        if points.accuracy[i] > best_acc + EPS:
+            candidates.append(int(i))
+            best_acc = float(points.accuracy[i])
+    chosen, tested = None, 0
+    for i in reversed(candidates):  # highest cloud rate first
+        thresholds = _thresholds_of(points, i)
+        stage = route(check, measure, thresholds)
+        bound, worse, better = drop_upper_bound(check.cloud_correct, answered_correct(check, stage), delta)
+        if bound > max_drop:
+            break
+        tested += 1
+        chosen = (thresholds, bound, worse, better, float(points.cloud_rate[i]), stage)
+    report["candidates_passed"] = tested
+    if chosen is None:
+        report["failure"] = (f"even escalating the most (cloud rate {points.cloud_rate[candidates[-1]]:.2%}), the "
+                             f"{1 - delta:.0%} upper bound of the drop on the held-out half exceeds {max_drop}; "
+                             "use more calibration data, a larger D or a larger --delta")
         return None, report
-    i = int(ok[np.lexsort((-points.accuracy[ok], points.cloud_rate[ok]))[0]])
-    thresholds = _thresholds_of(points, i)
-    stage = route(check, measure, thresholds)
-    at_edge = stage < len(thresholds)
-    k = int((at_edge & ~answered_correct(check, stage) & check.cloud_correct).sum())
-    bound = binomial_upper(k, check.n, delta)
-    drop = float(check.cloud_correct.mean() - answered_correct(check, stage).mean())
-    report.update(thresholds_from_selection=list(thresholds), selection_escalation=float(points.cloud_rate[i]),
-                  selection_drop=float(cloud_acc - points.accuracy[i]), verify_drop=drop,
-                  verify_disagreement_errors=k, verify_drop_upper_bound=bound)
-    if bound > max_drop:
-        report["failure"] = (f"thresholds {thresholds} of {measure} met the drop on the selection half, but on the "
-                             f"held-out half the {1 - delta:.0%} upper bound of the disagreement-induced error is "
-                             f"{bound:.4f} > {max_drop} ({k} of {check.n} items answered at the edge wrong, right "
-                             "in the cloud); use more calibration data, a larger D or a larger --delta")
-        return None, report
+    thresholds, bound, worse, better, rate, stage = chosen
+    report.update(thresholds=list(thresholds), selection_escalation=rate,
+                  verify_escalation=float((stage == len(thresholds)).mean()),
+                  verify_drop=float(check.cloud_correct.mean() - answered_correct(check, stage).mean()),
+                  verify_worse=worse, verify_better=better, verify_drop_upper_bound=bound)
     return thresholds, report

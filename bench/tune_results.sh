@@ -19,7 +19,7 @@ LM=checkpoints/matmamba-lm-austen
 tune() {  # name, then router.tune arguments
   local name=$1; shift
   echo "== $name: python -m router.tune $*" | tee "$OUT/$name.log"
-  "$PY" -m router.tune "$@" --out "$OUT/$name.json" --plot "$OUT/$name.png" --cache "$CACHE" 2>/dev/null \
+  "$PY" -m router.tune "$@" --out "$OUT/$name.json" --plot "$OUT/$name.png" --cache "$CACHE" \
     | tee -a "$OUT/$name.log"
 }
 
@@ -36,9 +36,10 @@ done
 
 VAL=$CACHE/austen-val.txt
 "$PY" -c "from matmamba.data.prose import load_prose; open('$VAL', 'w').write(load_prose('val'))"
-for levels in 4 8,2; do
-  tune "austen-target0.3-level${levels/,/-}" --checkpoint "$LM" --data "$VAL" --eval-data data/austen-heldout.txt \
-    --edge-level "$levels" --target-escalation 0.3
+L=(--checkpoint "$LM" --data "$VAL" --eval-data data/austen-heldout.txt)
+for levels in 4 8,2; do  # segments of 8 tokens (the router's default --segment-tokens)
+  tune "austen-target0.3-level${levels/,/-}" "${L[@]}" --edge-level "$levels" --target-escalation 0.3
 done
-uname -a > "$OUT/machine.txt"
-nproc >> "$OUT/machine.txt"
+# Segments of 2 tokens (python -m router ... --segment-tokens 2): exact agreement is common enough to steer.
+tune "austen-seg2-target0.3-level4" "${L[@]}" --edge-level 4 --target-escalation 0.3 --segment-tokens 2
+{ uname -srm; grep -m1 "model name" /proc/cpuinfo; echo "cpus: $(nproc)"; } > "$OUT/machine.txt"

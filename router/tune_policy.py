@@ -31,6 +31,7 @@ from .tune_stats import binomial_lower, binomial_upper
 
 GRID = 60  # quantile-grid thresholds per non-final chain stage
 SPLIT_SEED = 0
+RATE_STEPS = 201  # cloud-rate slices (100 %, 99.5 %, ..., 0) the drop guarantee walks through
 EPS = 1e-12
 
 
@@ -186,7 +187,8 @@ def pick_by_drop(rec: Records, measure: str, max_drop: float,
     """Thresholds whose drop vs cloud-only is <= D with probability >= 1 - delta, or None (report says why).
 
     The calibration set is split in two halves (fixed seed). The selection half orders the
-    candidates: the best-accuracy operating point at each cloud rate, from the highest rate down.
+    candidates: for slices of the cloud rate from 100 % down (``RATE_STEPS`` steps), the
+    operating point with the best accuracy in the slice.
     The verification half tests them in that order (fixed-sequence testing, each at level delta):
     a candidate passes when :func:`drop_upper_bound` <= D; the walk stops at the first failure,
     and the last candidate passed (the lowest cloud rate) is chosen. Testing in an order fixed
@@ -200,14 +202,16 @@ def pick_by_drop(rec: Records, measure: str, max_drop: float,
     report: dict[str, Any] = {"max_accuracy_drop": max_drop, "delta": delta, "split_seed": SPLIT_SEED,
                               "n_select": pick.n, "n_verify": check.n, "method": "fixed-sequence test, "
                               "Clopper-Pearson bounds of the paired accuracy difference"}
-    order = np.lexsort((-points.accuracy, -points.cloud_rate))  # highest rate first, best accuracy first
-    candidates, best_acc = [], -1.0
-    for i in order[::-1]:  # lowest rate first: keep points that beat every cheaper one
-        if points.accuracy[i] > best_acc + EPS:
-            candidates.append(int(i))
-            best_acc = float(points.accuracy[i])
+    candidates: list[int] = []  # per cloud-rate slice, from 100 % down: the best point in it
+    step = 1.0 / (RATE_STEPS - 1)
+    for budget in np.linspace(1.0, 0.0, RATE_STEPS):
+        within = np.flatnonzero((points.cloud_rate <= budget + EPS) & (points.cloud_rate > budget - step + EPS))
+        if within.size:
+            i = int(within[np.lexsort((-points.cloud_rate[within], -points.accuracy[within]))[0]])
+            if not candidates or candidates[-1] != i:
+                candidates.append(i)
     chosen, tested = None, 0
-    for i in reversed(candidates):  # highest cloud rate first
+    for i in candidates:  # highest cloud-rate budget first
         thresholds = _thresholds_of(points, i)
         stage = route(check, measure, thresholds)
         bound, worse, better = drop_upper_bound(check.cloud_correct, answered_correct(check, stage), delta)
@@ -217,7 +221,7 @@ def pick_by_drop(rec: Records, measure: str, max_drop: float,
         chosen = (thresholds, bound, worse, better, float(points.cloud_rate[i]), stage)
     report["candidates_passed"] = tested
     if chosen is None:
-        report["failure"] = (f"even escalating the most (cloud rate {points.cloud_rate[candidates[-1]]:.2%}), the "
+        report["failure"] = (f"even the first candidate (cloud rate {points.cloud_rate[candidates[0]]:.2%}), the "
                              f"{1 - delta:.0%} upper bound of the drop on the held-out half exceeds {max_drop}; "
                              "use more calibration data, a larger D or a larger --delta")
         return None, report

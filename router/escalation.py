@@ -212,11 +212,12 @@ class ReplicaPool:
     def __init__(self, addresses: Sequence[str], *, fingerprint: str, task: int,
                  settings: EscalationSettings | None = None,
                  on_change: Callable[[Replica], None] | None = None,
-                 on_round: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_round: Callable[[], Awaitable[None]] | None = None,
+                 on_call: Callable[[str, grpc.StatusCode | None], None] | None = None) -> None:
         self.settings = settings or EscalationSettings()
         self.fingerprint, self.task = fingerprint, task
         self.replicas = [Replica(address, self.settings) for address in addresses]
-        self._on_change, self._on_round = on_change, on_round
+        self._on_change, self._on_round, self._on_call = on_change, on_round, on_call
         self._reported: dict[str, ReplicaState] = {}
         self._turn = 0
         self._task: asyncio.Task | None = None
@@ -313,6 +314,8 @@ class ReplicaPool:
 
     def _end(self, replica: Replica, code: grpc.StatusCode | None) -> None:
         replica.finish(code)
+        if self._on_call is not None:  # every finished cloud call, by status (None: abandoned)
+            self._on_call(replica.address, code)
         self.refresh()
 
     @staticmethod

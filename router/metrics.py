@@ -19,6 +19,7 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_inflight_requests`` | gauge | method | RPCs being handled |
 | ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
 | ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
+| ``router_cloud_calls_total`` | counter | replica, code | finished cloud calls by status (``ABANDONED``: cancelled) |
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
 
 Drift: once the window holds at least ``DRIFT_MIN_DECISIONS`` decisions, the window's escalation
@@ -113,6 +114,8 @@ class RouterMetrics:
                                    registry=r)
         self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
                                          ["replica"], registry=r)
+        self.cloud_calls = Counter("router_cloud_calls", "Finished cloud calls by status code.", ["replica", "code"],
+                                   registry=r)
         self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
         self.expected_rate = Gauge("router_expected_escalation_rate",
                                    "Calibrated escalation rate of the thresholds in force, and its 95 % band.",
@@ -161,6 +164,10 @@ class RouterMetrics:
             self.edge_seconds.labels(method=method).observe(edge_ms / 1e3)
         if cloud_ms:
             self.cloud_seconds.labels(method=method).observe(cloud_ms / 1e3)
+
+    def record_cloud_call(self, replica: str, code: object) -> None:
+        """One finished cloud call; ``code`` a grpc.StatusCode, or None when it was abandoned."""
+        self.cloud_calls.labels(replica=replica, code=getattr(code, "name", "ABANDONED")).inc()
 
     def set_replica_state(self, replica: str, state: str) -> None:
         """Set ``router_replica_state`` of ``replica``: 1 for ``state``, 0 for the others."""

@@ -162,7 +162,8 @@ class RouterServer:
             raise ValueError(f"--thresholds: {err.message}") from None
         self.metrics.set_thresholds(store.current)
         cloud = ReplicaPool(cfg.cloud, fingerprint=info.fingerprint, task=pb.VISION if info.task == "vision" else pb.LM,
-                            settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health)
+                            settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health,
+                            on_call=self.metrics.record_cloud_call)
         for replica in cloud.replicas:
             self.metrics.replica_outstanding.labels(replica=replica.address).set_function(
                 lambda r=replica: r.outstanding)

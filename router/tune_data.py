@@ -116,13 +116,14 @@ def vision_records(model, levels: tuple[int, ...], images: torch.Tensor, labels:
         run = {**(key or {}), "level": level, "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
         return cached(cache, run, lambda: {"probs": predict_probs(model, images, device, level, desc)})["probs"]
 
-    cloud = probs_at(1, "cloud (full width)").argmax(-1) == labels
-    conf, correct = [], []
+    cloud_pred = probs_at(1, "cloud (full width)").argmax(-1)
+    conf, correct, extra = [], [], {}
     for level in levels:
         probs = probs_at(level, f"edge (level {level})")
         conf.append({name: confidence(name, probs) for name in TASK_MEASURES[VISION]})
         correct.append(probs.argmax(-1) == labels)
-    return Records(VISION, levels, conf, correct, cloud)
+        extra[f"level{level}_agreement_with_cloud"] = float((probs.argmax(-1) == cloud_pred).mean())
+    return Records(VISION, levels, conf, correct, cloud_pred == labels, extra)
 
 
 def folder_slug(name: str) -> str:

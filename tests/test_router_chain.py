@@ -166,5 +166,6 @@ def test_router_serves_a_chain_stage_by_stage(cloud, tmp_path: Path) -> None:
         rate = metrics[("router_escalation_rate", (("method", "Classify"),))]
         assert rate == pytest.approx((expected == 1).mean())
         assert metrics[("router_expected_escalation_rate", (("bound", "expected"),))] == 0.5
+        assert metrics[("router_cloud_calls_total", (("code", "OK"), ("replica", cloud.address)))] >= 1
     finally:
         router.stop()

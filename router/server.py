@@ -103,7 +103,7 @@ class RouterConfig:
         """How to run the edge workers."""
         # The workers load the widest level of the chain; the narrower stages are slices of it.
         return EdgeSettings(self.checkpoint, min(self.chain), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
-                            cpus=self.edge_cpus, gpus=self.edge_gpus)
+                            cpus=self.edge_cpus, gpus=self.edge_gpus, chain=self.edge_levels)
 
 
 def _limits(config: RouterConfig, info: EdgeInfo) -> ModelLimits:

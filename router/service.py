@@ -156,7 +156,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         served: list[pb.ServedBy] = [pb.ServedBy() for _ in range(n)]
 
         async def run(rows: np.ndarray, width: int):
-            edge = await core.edge.classify(inputs.images[rows], width)
+            edge = await core.edge.classify(inputs.images if rows.size == n else inputs.images[rows], width)
             probs[rows] = edge.probs
             return edge.probs, edge
 
@@ -224,7 +224,8 @@ class RouterServicer(pb_grpc.InferenceServicer):
         served: list[pb.ServedBy] = [pb.ServedBy() for _ in range(n)]
 
         async def run(rows: np.ndarray, width: int):
-            edge = await core.edge.score(inputs.tokens[rows], width, inputs.last_only)
+            edge = await core.edge.score(inputs.tokens if rows.size == n else inputs.tokens[rows], width,
+                                         inputs.last_only)
             if not arrays:
                 arrays.extend(np.zeros((n, *a.shape[1:]), dtype=a.dtype) for a in (edge.logprobs, edge.token_logprobs))
             arrays[0][rows], arrays[1][rows] = edge.logprobs, edge.token_logprobs

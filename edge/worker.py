@@ -4,7 +4,7 @@ The router runs it as a Ray actor (``ray.remote(num_gpus=1)(EdgeWorker)`` per GP
 actor); tests and benchmarks may use it directly. Only the weights the edge width needs are
 read from the checkpoint (``load_model(dir, mrl_level=edge_level)``, partial loading).
 
-    worker = EdgeWorker("checkpoints/matmamba-vision-fmnist", edge_level=4)
+    worker = EdgeWorker("checkpoints/matmamba-vision-fmnist", edge_level=4)  # warm_levels=(8,): a chain's stages
     out = await worker.classify(images_uint8, width=0)      # ClassifyOutput: probs (N, 10), edge_ms, batch
     seg = await worker.generate_segment(SegmentRequest("g1", prompt_ids, max_new=8))
     address = await worker.start_endpoint()                 # "unix:///tmp/mm-edge-XXXX/worker.sock"
@@ -69,7 +69,7 @@ class EdgeWorker:
 
     def __init__(self, checkpoint: str | Path, edge_level: int, *, max_batch: int = 32, max_wait_ms: float = 2.0,
                  device: str = "auto", num_threads: int | None = None,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, warm_levels: Sequence[int] = ()) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
@@ -86,7 +86,9 @@ class EdgeWorker:
         self._max_sessions = max_sessions
         self._info = self._describe()
         self._endpoint: WorkerEndpoint | None = None
-        self._warmup()
+        block = self.model.config.block
+        for width in dict.fromkeys([self._info.edge_width, *(block.width_for_level(k) for k in warm_levels)]):
+            self._warmup(width)
         report = self.model.load_report
         log.info("edge worker: %s level %d (width %d) on %s; read %.1f of %.1f MB in %.2f s", checkpoint,
                  edge_level, self._info.edge_width, self._info.device, report.bytes_read / 1e6,
@@ -130,8 +132,8 @@ class EdgeWorker:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
 
-    def _warmup(self) -> None:
-        width = self._info.edge_width
+    def _warmup(self, width: int) -> None:
+        """One tiny batch at ``width`` (the first call at a width may compile or autotune kernels)."""
         if self.is_lm:
             self.score_batch(width, False, [np.zeros((1, WARMUP_TOKENS), dtype=np.int64)])
         else:

@@ -12,6 +12,7 @@ from .ray_setup import apply_ray_env, init_ray
 
 apply_ray_env()  # before .server imports ray, which reads part of its environment at import
 from .server import RouterConfig, serve  # noqa: E402
+from .thresholds import parse_levels  # noqa: E402
 
 log = logging.getLogger("router")
 
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router", description="Answer from the narrow nested submodel at "
                                 "the edge; escalate low-confidence inputs to full-width cloud replicas.")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (the cloud's must match)")
-    p.add_argument("--edge-level", type=int, required=True, help="nesting level of the edge model (4 = d_model/4)")
+    p.add_argument("--edge-level", required=True,
+                   help="nesting level of the edge model (4 = d_model/4), or a chain of levels such as 8,2 "
+                        "(level 8 first, then level 2, then the cloud)")
     p.add_argument("--cloud", required=True,
                    help="cloud replicas, HOST:PORT[,HOST:PORT...]; dns:///NAME:PORT = every address NAME resolves to, "
                         "looked up again each health round (docker-compose: dns:///cloud:50051)")
@@ -81,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """A validated RouterConfig from the parsed flags (ValueError names the bad flag)."""
     cloud = tuple(a.strip() for a in args.cloud.split(",") if a.strip())
+    levels = parse_levels(str(args.edge_level))
     return RouterConfig(
-        checkpoint=args.checkpoint, edge_level=args.edge_level, cloud=cloud, host=args.host, port=args.port,
+        checkpoint=args.checkpoint, edge_level=levels[0], edge_levels=levels if len(levels) > 1 else (), cloud=cloud,
+        host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, thresholds=args.thresholds,
         deadline_ms=args.deadline_ms, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         segment_tokens=args.segment_tokens, health_interval_ms=args.health_interval_ms,

@@ -15,7 +15,7 @@ from proto.validate import ModelLimits
 from .edge_pool import EdgePool
 from .escalation import ReplicaPool
 from .metrics import RouterMetrics
-from .thresholds import Thresholds, ThresholdStore
+from .thresholds import Stage, Thresholds, ThresholdStore
 
 log = logging.getLogger("router.service")
 
@@ -40,14 +40,25 @@ class RouterCore:
     metrics: RouterMetrics
     tokenizer: Any = None  # LM checkpoints: encode(text) -> ids, decode(ids) -> text, eos_id
     segment_tokens: int = 8  # generation: tokens per edge segment judged as one
+    chain: tuple[int, ...] = ()  # edge levels of a chain router, first stage first; () = one edge level
     traffic: Any = None  # router.shadow.TrafficTap when --traffic-log or --shadow-rate is set
+
+    def edge_stages(self, policy: Thresholds, requested_width: int, width: int) -> list[tuple[int, Stage]]:
+        """(width, stage) of each edge stage an item runs through before the cloud.
+
+        A chain router runs its chain for requests that name no width; a request naming a width
+        runs that width alone, judged by the stage of its level (the first stage when none).
+        """
+        if len(self.chain) > 1 and requested_width == 0:
+            return [(self.info.d_model // s.edge_level, s) for s in policy.chain]
+        return [(width, policy.stage_for(self.level_of(width)))]
 
     def level_of(self, width: int) -> int:
         """Nesting level of ``width`` (d_model / width); 0 for width 0."""
         return self.info.d_model // width if width else 0
 
 
-def served_by(core: RouterCore, policy: Thresholds, *, tier: int, conf: float, edge_ms: float, width: int,
+def served_by(core: RouterCore, policy: Thresholds | Stage, *, tier: int, conf: float, edge_ms: float, width: int,
               batch_size: int, request_id: str, cloud_ms: float = 0.0, degraded: bool = False,
               replica: str = "") -> pb.ServedBy:
     """The ServedBy of one item (see matmamba.proto for every field)."""

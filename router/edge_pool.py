@@ -59,6 +59,7 @@ class EdgeSettings:
     max_wait_ms: float = 2.0  # micro-batch wait after its first request (--max-wait-ms)
     cpus: int = 1  # CPUs (and torch threads) of the CPU actor (--edge-cpus)
     gpus: int | None = None  # GPU actors; None = one per GPU Ray sees (--edge-gpus)
+    chain: tuple[int, ...] = ()  # a chain's levels (--edge-level 8,2): each width is warmed up at start
 
 
 class _Worker:
@@ -101,7 +102,7 @@ class EdgePool:
 
     def _make_actors(self) -> list[Any]:
         s = self.settings
-        kwargs = dict(max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
+        kwargs = dict(max_batch=s.max_batch, max_wait_ms=s.max_wait_ms, warm_levels=s.chain)
         gpus = _gpu_count(s)
         if gpus:
             actor = ray.remote(num_gpus=1, num_cpus=1, **RESTARTS)(EdgeWorker)

@@ -243,13 +243,15 @@ class ReplicaPool:
                  on_change: Callable[[Replica], None] | None = None,
                  on_round: Callable[[], Awaitable[None]] | None = None,
                  on_remove: Callable[[Replica], None] | None = None,
-                 resolver: Resolver = resolve_dns) -> None:
+                 resolver: Resolver = resolve_dns,
+                 on_call: Callable[[str, grpc.StatusCode | None], None] | None = None) -> None:
         self.settings = settings or EscalationSettings()
         self.fingerprint, self.task = fingerprint, task
         self._names = [t for t in map(split_dns_target, addresses) if t is not None]
         self.replicas = [Replica(a, self.settings) for a in addresses if split_dns_target(a) is None]
         self._fixed = {r.address for r in self.replicas}
         self._on_change, self._on_round, self._on_remove, self._resolver = on_change, on_round, on_remove, resolver
+        self._on_call = on_call
         self._reported: dict[str, ReplicaState] = {}
         self._turn = 0
         self._task: asyncio.Task | None = None
@@ -371,6 +373,8 @@ class ReplicaPool:
 
     def _end(self, replica: Replica, code: grpc.StatusCode | None) -> None:
         replica.finish(code)
+        if self._on_call is not None:  # every finished cloud call, by status (None: abandoned)
+            self._on_call(replica.address, code)
         self.refresh()
 
     @staticmethod

@@ -60,7 +60,8 @@ class SegmentedGeneration:
 
     def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
         self.core, self.inputs, self.request_id = core, inputs, request_id
-        self.policy = core.thresholds.current  # one policy for the whole generation
+        # One policy for the whole generation: the stage of the generating width (a chain's widest by default).
+        self.policy = core.thresholds.current.stage_for(core.level_of(inputs.width))
         self.context: list[int] = inputs.prompt_ids.tolist()
         self.produced = 0
         self.finish = pb.FINISH_REASON_UNSPECIFIED

@@ -17,6 +17,7 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_inflight_requests`` | gauge | method | RPCs being handled |
 | ``router_replica_state`` | gauge | replica, state | 1 for each replica's current state, 0 for the others |
 | ``router_replica_outstanding`` | gauge | replica | escalations in flight per replica |
+| ``router_cloud_calls_total`` | counter | replica, code | finished cloud calls by status (``ABANDONED``: cancelled) |
 | ``router_thresholds_info`` | info | measure, threshold, version, is_default, path | the policy in force |
 | ``router_escalation_expected`` | gauge | bound | calibrated rate (bound=rate), its 95% band (low, high) |
 | ``router_escalation_drift`` | gauge | method | 1 while the window's 95% interval misses the band, else 0 |
@@ -27,6 +28,13 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_shadow_agreed_total`` | counter | method | of those, items where edge and cloud top-1 agree |
 | ``router_shadow_agreement`` | gauge | method | agreement over the last ``WINDOW`` shadow comparisons |
 | ``router_shadow_window_items`` | gauge | method | comparisons in that window (for its interval) |
+
+Drift: once the window holds at least ``MIN_DRIFT_DECISIONS`` decisions, the window's escalation
+rate is compared with the band of the thresholds in force (``expected_escalation`` of a tuned
+file): when the rate's own 95 % Wilson interval lies wholly outside the band,
+``router_escalation_drift`` is 1 and a WARNING is logged (once per change; an INFO line when the
+rate is back). Without a band (the built-in default) there is no drift signal. A chain router
+counts an item as escalated when it reaches the cloud.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from wsgiref.simple_server import WSGIServer
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from .monitor import wilson
+from edge.calibration import wilson
+
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -110,6 +119,8 @@ class RouterMetrics:
                                    registry=r)
         self.replica_outstanding = Gauge("router_replica_outstanding", "Escalations in flight per replica.",
                                          ["replica"], registry=r)
+        self.cloud_calls = Counter("router_cloud_calls", "Finished cloud calls by status code.", ["replica", "code"],
+                                   registry=r)
         self.thresholds = Info("router_thresholds", "The confidence policy in force.", registry=r)
         self.expected = Gauge("router_escalation_expected", "Calibrated escalation rate (bound=rate) and its "
                               "95% band (bound=low, high), from the thresholds file.", ["bound"], registry=r)
@@ -182,6 +193,10 @@ class RouterMetrics:
             self.edge_seconds.labels(method=method).observe(edge_ms / 1e3)
         if cloud_ms:
             self.cloud_seconds.labels(method=method).observe(cloud_ms / 1e3)
+
+    def record_cloud_call(self, replica: str, code: object) -> None:
+        """One finished cloud call; ``code`` a grpc.StatusCode, or None when it was abandoned."""
+        self.cloud_calls.labels(replica=replica, code=getattr(code, "name", "ABANDONED")).inc()
 
     def set_replica_state(self, replica: str, state: str) -> None:
         """Set ``router_replica_state`` of ``replica``: 1 for ``state``, 0 for the others."""

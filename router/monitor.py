@@ -4,18 +4,23 @@
     python -m router.monitor --metrics http://127.0.0.1:9100/metrics --once
 
 Every `--interval` seconds it reads the router's Prometheus endpoint and prints one table:
-items answered per tier, the escalation rate (all time, the router's sliding window, and since
-the last reading), degraded answers, and the thresholds in force. With `--thresholds` (a file
-written by `python -m router.tune`) it also shows the expected escalation rate and its 95% band,
-and says DRIFT when the observed rate's own 95% interval lies outside that band (all time, and
-for the items since the last reading). With shadow escalation on (router --shadow-rate) it also
-shows the estimated edge/cloud agreement on kept items with its 95% Wilson interval.
+request rate, items answered per tier, the escalation rate (all time, the router's sliding
+window, and since the last reading), latency percentiles per tier (p50/p95/p99 of the edge
+time per item and of the cloud round trip, interpolated in the histogram buckets), degraded
+answers, and the thresholds in force. The expected escalation rate and its 95% band come from
+`--thresholds` (a file written by `python -m router.tune`) or else from the router itself
+(`router_escalation_expected`, from its thresholds file); it says DRIFT when the observed
+rate's own 95% interval lies outside that band (all time, and for the items since the last
+reading), or when the router's drift gauge is up. With shadow escalation on (router
+--shadow-rate) it also shows the estimated edge/cloud agreement on kept items with its 95% Wilson
+interval.
 Exit status: 0, or 1 when the endpoint cannot be read, or 4 with `--once` when it says DRIFT.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,6 +48,11 @@ class Snapshot:
     degraded: float
     window_rate: float  # the router's own sliding-window rate (max over methods)
     thresholds: dict[str, str]  # router_thresholds_info labels
+    requests: float = 0.0  # finished RPCs
+    buckets: dict[str, dict[float, float]] = field(default_factory=dict)  # tier -> upper bound -> count
+    router_band: tuple[float, float, float] | None = None  # router_escalation_expected, when published
+    router_drift: bool = False  # router_escalation_drift is 1 for some method
+    taken: float = field(default_factory=time.monotonic)
     shadow: dict[str, float] = field(default_factory=dict)  # compared, agreed, window_rate, window_n, outcomes
 
     @property
@@ -54,33 +64,71 @@ class Snapshot:
         return self.escalations / self.total if self.total else 0.0
 
 
+HISTOGRAMS = {"router_edge_seconds_bucket": "edge", "router_cloud_seconds_bucket": "cloud"}
+
+
 def parse(text: str) -> Snapshot:
     """Summarise a router's /metrics text."""
     items: dict[str, float] = {}
-    escalations = degraded = window = 0.0
+    escalations = degraded = window = requests = 0.0
     thresholds: dict[str, str] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    expected: dict[str, float] = {}
+    drift = False
     shadow: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in SHADOW_SAMPLES:
-                key = SHADOW_SAMPLES[sample.name] or sample.labels.get("outcome", "")
-                shadow[key] = shadow.get(key, 0.0) + sample.value
-            elif sample.name == "router_items_total":
-                tier = sample.labels.get("tier", "")
-                items[tier] = items.get(tier, 0.0) + sample.value
-            elif sample.name == "router_escalations_total":
-                escalations += sample.value
-            elif sample.name == "router_degraded_total":
-                degraded += sample.value
-            elif sample.name == "router_escalation_rate":
-                window = max(window, sample.value)
-            elif sample.name == "router_thresholds_info":
-                thresholds = dict(sample.labels)
-    return Snapshot(items, escalations, degraded, window, thresholds, shadow)
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name in SHADOW_SAMPLES:
+                key = SHADOW_SAMPLES[name] or labels.get("outcome", "")
+                shadow[key] = shadow.get(key, 0.0) + value
+            elif name == "router_items_total":
+                items[labels.get("tier", "")] = items.get(labels.get("tier", ""), 0.0) + value
+            elif name == "router_escalations_total":
+                escalations += value
+            elif name == "router_degraded_total":
+                degraded += value
+            elif name == "router_requests_total":
+                requests += value
+            elif name == "router_escalation_rate":
+                window = max(window, value)
+            elif name == "router_thresholds_info":
+                thresholds = dict(labels)
+            elif name in HISTOGRAMS:
+                tier = buckets.setdefault(HISTOGRAMS[name], {})
+                bound = float(labels["le"])
+                tier[bound] = tier.get(bound, 0.0) + value
+            elif name == "router_escalation_expected":
+                expected[labels.get("bound", "")] = value
+            elif name == "router_escalation_drift":
+                drift = drift or value > 0
+    band = None
+    if {"rate", "low", "high"} <= expected.keys():
+        band = expected["rate"], expected["low"], expected["high"]
+    return Snapshot(items, escalations, degraded, window, thresholds, requests, buckets, band, drift, shadow=shadow)
+
+
+def percentile(buckets: dict[float, float], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram (upper bound -> count), interpolated in its bucket."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # beyond the last finite bucket: its bound is all one can say
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
 
 
 def drifted(snap: Snapshot, band: tuple[float, float, float] | None) -> bool:
-    """True when the observed rate's 95% interval does not overlap the calibrated band."""
+    """True when the observed rate's 95% interval does not overlap the calibrated band (or the router says so)."""
+    if snap.router_drift:
+        return True
     return band is not None and outside_band(snap.escalations, snap.total, band)
 
 
@@ -112,6 +160,9 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
     table = Table(title=f"router escalation at {time.strftime('%H:%M:%S')}", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
+    if previous is not None and snap.taken > previous.taken:
+        per_s = (snap.requests - previous.requests) / (snap.taken - previous.taken)
+        table.add_row("requests per second", f"{per_s:.1f}")
     for tier, count in sorted(snap.items.items()):
         table.add_row(f"items answered ({tier})", f"{count:,.0f}")
     low, high = wilson(snap.escalations, snap.total)
@@ -120,6 +171,10 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
     if previous is not None and snap.total > previous.total:
         recent = (snap.escalations - previous.escalations) / (snap.total - previous.total)
         table.add_row("escalation rate, since last reading", f"{recent:.2%}")
+    for tier, hist in sorted(snap.buckets.items()):
+        ps = [percentile(hist, q) for q in (0.5, 0.95, 0.99)]
+        if ps[0] is not None:
+            table.add_row(f"{tier} latency p50 / p95 / p99", " / ".join(f"{1e3 * p:.2f} ms" for p in ps))
     table.add_row("degraded answers", f"{snap.degraded:,.0f}")
     for name, value in shadow_rows(snap, previous):
         table.add_row(name, value)
@@ -133,6 +188,8 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
             recent = Snapshot({"": snap.total - previous.total}, snap.escalations - previous.escalations, 0.0, 0.0, {})
             table.add_row("status, since last reading",
                           "[bold red]DRIFT[/]" if drifted(recent, band) else "[green]within band[/]")
+    elif snap.router_drift:
+        table.add_row("status", "[bold red]DRIFT[/] (the router's drift gauge)")
     return table
 
 
@@ -158,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             console.print(f"[red]cannot read {args.metrics}: {err}[/]; is the router running with --metrics-port?")
             return 1
-        console.print(render(snap, previous, band))
+        shown = band or snap.router_band
+        console.print(render(snap, previous, shown))
         done += 1
         if args.once:
-            return DRIFT_EXIT if drifted(snap, band) else 0
+            return DRIFT_EXIT if drifted(snap, shown) else 0
         if args.count and done >= args.count:
             return 0
         previous = snap

@@ -45,11 +45,12 @@ from typing import Any
 
 import numpy as np
 
+from edge.calibration import Z95, Curve, wilson
+
 from .confidence import MEASURES
-from .monitor import Z95, wilson
 from .thresholds import Thresholds, ThresholdsError, parse_thresholds
 from .traffic_log import log_files, read_records
-from .tune import Curve, clopper_pearson, operating_index
+from .tune_stats import clopper_pearson
 
 ESCALATED, SHADOW = 1, 2  # where an item's cloud answer came from (0 = none)
 
@@ -271,6 +272,12 @@ def _report_current(items: LogItems, policy: dict[str, Any], target: float | Non
           f"(95 % {1 - share * (1 - lo):.2%} - {1 - share * (1 - hi):.2%})")
     current["kept_agreement"] = {"estimate": est, "ci95": [lo, hi], "shadow_samples": samples}
     return current
+
+
+def operating_index(curve: Curve, target: float) -> int:
+    """Index of the threshold whose escalation rate is closest to ``target`` without exceeding it."""
+    ok = np.nonzero(curve.escalation <= target + 1e-12)[0]
+    return int(ok[-1])  # escalation[0] == 0 (threshold = the smallest confidence), so ok is never empty
 
 
 def _plot(path: str, curve: Curve, points: dict[str, tuple[float, float]], title: str) -> None:

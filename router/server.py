@@ -54,8 +54,9 @@ class RouterConfig:
     """Everything ``python -m router`` takes (router/__main__.py documents each flag)."""
 
     checkpoint: Path
-    edge_level: int
+    edge_level: int  # the (first) edge stage's nesting level
     cloud: tuple[str, ...]  # cloud replica addresses, host:port
+    edge_levels: tuple[int, ...] = ()  # a chain (--edge-level 8,2), first stage first; () = edge_level alone
     host: str = "127.0.0.1"
     port: int = 50052  # 0 = any free port (RouterServer.port)
     metrics_port: int | None = 9100  # None = no /metrics endpoint; 0 = any free port
@@ -98,6 +99,14 @@ class RouterConfig:
         self.traffic_log_settings()
         if self.log_inputs and self.traffic_log is None:
             raise ValueError("--log-inputs needs --traffic-log DIR (the inputs are stored in the traffic log)")
+        if self.edge_levels and (self.edge_levels[0] != self.edge_level or
+                                 any(a <= b for a, b in zip(self.edge_levels, self.edge_levels[1:]))):
+            raise ValueError(f"--edge-level {self.edge_levels}: a chain's levels must decrease (narrow to wide)")
+
+    @property
+    def chain(self) -> tuple[int, ...]:
+        """The edge levels, first stage first (one level without a chain)."""
+        return self.edge_levels or (self.edge_level,)
 
     def escalation(self) -> EscalationSettings:
         """The escalation knobs of this config (validated)."""
@@ -119,8 +128,9 @@ class RouterConfig:
 
     def edge(self) -> EdgeSettings:
         """How to run the edge workers."""
-        return EdgeSettings(self.checkpoint, self.edge_level, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
-                            cpus=self.edge_cpus, gpus=self.edge_gpus)
+        # The workers load the widest level of the chain; the narrower stages are slices of it.
+        return EdgeSettings(self.checkpoint, min(self.chain), max_batch=self.max_batch, max_wait_ms=self.max_wait_ms,
+                            cpus=self.edge_cpus, gpus=self.edge_gpus, chain=self.edge_levels)
 
 
 def _limits(config: RouterConfig, info: EdgeInfo) -> ModelLimits:
@@ -167,8 +177,12 @@ class RouterServer:
         """Edge actors, thresholds, cloud replicas, then the gRPC port (health SERVING)."""
         cfg = self.config
         info = await self.edge.start()
+        missing = [k for k in cfg.chain if k not in info.levels]
+        if missing:
+            await self.edge.close()
+            raise ValueError(f"--edge-level: {cfg.checkpoint} has no level {missing}; its levels are {info.levels}")
         try:
-            store = ThresholdStore(task=info.task, fingerprint=info.fingerprint, edge_level=cfg.edge_level,
+            store = ThresholdStore(task=info.task, fingerprint=info.fingerprint, edge_levels=cfg.chain,
                                    path=cfg.thresholds)
         except ThresholdsError as err:
             await self.edge.close()
@@ -176,10 +190,11 @@ class RouterServer:
         self.metrics.set_thresholds(store.current)
         cloud = ReplicaPool(cfg.cloud, fingerprint=info.fingerprint, task=pb.VISION if info.task == "vision" else pb.LM,
                             settings=cfg.escalation(), on_change=self._replica_changed, on_round=self._cloud_health,
-                            on_remove=lambda r: self.metrics.remove_replica(r.address))
+                            on_remove=lambda r: self.metrics.remove_replica(r.address),
+                            on_call=self.metrics.record_cloud_call)
         tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
         self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
-                               cfg.segment_tokens)
+                               cfg.segment_tokens, cfg.chain)
         self.core.traffic = self._traffic_tap(info, cloud)
         await cloud.start()
         self._bind()
@@ -190,9 +205,11 @@ class RouterServer:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.thresholds is not None and cfg.thresholds_poll_ms > 0:
             self._watch = asyncio.create_task(self._watch_thresholds(store, cfg.thresholds_poll_ms / 1e3))
-        log.info("router serving %s at edge level %d (width %d) on %s; cloud %s; thresholds %s %s (%s)", info.task,
-                 info.edge_level, info.edge_width, self.address, ",".join(cfg.cloud) or "(none)",
-                 store.current.measure, store.current.threshold, store.current.version)
+        log.info("router serving %s at edge level %s (loaded width %d) on %s; cloud %s; thresholds %s (%s)",
+                 info.task, ",".join(map(str, cfg.chain)), info.edge_width, self.address,
+                 ",".join(cfg.cloud) or "(none)",
+                 ", ".join(f"level {s.edge_level}: {s.measure} >= {s.threshold}" for s in store.current.chain),
+                 store.current.version)
 
     def _traffic_tap(self, info: EdgeInfo, cloud: ReplicaPool) -> TrafficTap | None:
         """The traffic log writer and shadow sender the flags ask for (None when neither)."""

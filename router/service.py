@@ -116,6 +116,13 @@ def stream_rpc(method: str) -> Callable:
     return wrap
 
 
+def _mask(rows: np.ndarray, n: int) -> np.ndarray:
+    """Boolean (n,) mask with ``rows`` set."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
+
+
 def _chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
     """``rows`` cut into pieces of at most ``size`` (0 = one piece)."""
     if size <= 0 or rows.size <= size:
@@ -145,29 +152,61 @@ class RouterServicer(pb_grpc.InferenceServicer):
 
     @unary_rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext):
-        """Edge answer per image; images below the threshold answered by the cloud (or degraded)."""
+        """Edge answer per image; images below the threshold answered by the cloud (or degraded).
+
+        A chain router asks its edge stages in turn: each image goes on until a stage is confident.
+        """
         core, start = self.core, time.monotonic()
         inputs = validate_classify(request, core.limits)
         rid, policy = inputs.request_id or new_request_id(), core.thresholds.current
-        edge = await core.edge.classify(inputs.images, inputs.width)
-        conf = confidence(policy.measure, edge.probs)
-        wants = should_escalate(conf, policy.threshold)
-        core.metrics.record_decisions("Classify", policy.measure, conf, wants)
-        probs = edge.probs.copy()
-        served = [served_by(core, policy, tier=pb.EDGE, conf=float(c), edge_ms=edge.edge_ms, width=inputs.width,
-                            batch_size=edge.batch_size, request_id=rid) for c in conf]
-        escalated = [rows for rows in _chunks(np.flatnonzero(wants), core.cloud.max_batch) if rows.size]
+        n = inputs.images.shape[0]
+        probs = np.zeros((n, core.info.num_classes), dtype=np.float32)
+        served: list[pb.ServedBy] = [pb.ServedBy() for _ in range(n)]
+
+        async def run(rows: np.ndarray, width: int):
+            edge = await core.edge.classify(inputs.images if rows.size == n else inputs.images[rows], width)
+            probs[rows] = edge.probs
+            return edge.probs, edge
+
+        up = await self._edge_chain("Classify", run, core.edge_stages(policy, request.width, inputs.width), n,
+                                    rid, served)
+        edge_probs = probs.copy()  # each item's answer from the last edge stage it reached
+        escalated = [rows for rows in _chunks(up, core.cloud.max_batch) if rows.size]
         await asyncio.gather(*(self._escalate_images(inputs.images[rows], rows, rid, probs, served)
                                for rows in escalated))
         record_items(core, "Classify", served)
         if core.traffic is not None:
-            core.traffic.observe(Observed("Classify", rid, start, policy, edge.probs, edge.probs, probs,
-                                          inputs.images, wants, served))
+            core.traffic.observe(Observed("Classify", rid, start, policy, edge_probs, edge_probs, probs,
+                                          inputs.images, _mask(up, n), served))
         names = core.info.class_names
         results = [pb.ImageResult(predicted_class=int(k), label=names[k] if k < len(names) else "", served_by=s,
                                   edge_predicted_class=int(e))
-                   for k, e, s in zip(probs.argmax(-1).tolist(), edge.probs.argmax(-1).tolist(), served)]
+                   for k, e, s in zip(probs.argmax(-1).tolist(), edge_probs.argmax(-1).tolist(), served)]
         return pb.ClassifyReply(probs=to_tensor_msg(probs), results=results), served
+
+    async def _edge_chain(self, method: str, run: Callable, stages: list, n: int, rid: str,
+                          served: list[pb.ServedBy]) -> np.ndarray:
+        """Run the edge stages over the items still in doubt; fill ``served``; return the rows for the cloud.
+
+        ``run(rows, width)`` computes the rows at ``width``, stores their answers and returns
+        (the values the stage's measure reads, the edge output with edge_ms and batch_size).
+        """
+        core, rows = self.core, np.arange(n)
+        final_conf = np.zeros(n)
+        for width, stage in stages:
+            values, edge = await run(rows, width)
+            conf = confidence(stage.measure, values)
+            final_conf[rows] = conf
+            for row, c in zip(rows.tolist(), conf.tolist()):
+                served[row] = served_by(core, stage, tier=pb.EDGE, conf=c, edge_ms=edge.edge_ms + served[row].edge_ms,
+                                        width=width, batch_size=edge.batch_size, request_id=rid)
+            rows = rows[should_escalate(conf, stage.threshold)]
+            if rows.size == 0:
+                break
+        up = np.zeros(n, dtype=bool)
+        up[rows] = True
+        core.metrics.record_decisions(method, stages[0][1].measure, final_conf, up)
+        return rows
 
     async def _escalate_images(self, images: np.ndarray, rows: np.ndarray, rid: str, probs: np.ndarray,
                                served: list[pb.ServedBy]) -> None:
@@ -193,21 +232,30 @@ class RouterServicer(pb_grpc.InferenceServicer):
         core, start = self.core, time.monotonic()
         inputs = validate_score(request, core.limits)
         rid, policy = inputs.request_id or new_request_id(), core.thresholds.current
-        edge = await core.edge.score(inputs.tokens, inputs.width, inputs.last_only)
-        conf = confidence(policy.measure, edge.token_logprobs)
-        wants = should_escalate(conf, policy.threshold)
-        core.metrics.record_decisions("Score", policy.measure, conf, wants)
-        logprobs, token_logprobs = edge.logprobs.copy(), edge.token_logprobs.copy()
-        served = [served_by(core, policy, tier=pb.EDGE, conf=float(c), edge_ms=edge.edge_ms, width=inputs.width,
-                            batch_size=edge.batch_size, request_id=rid) for c in conf]
-        escalated = [rows for rows in _chunks(np.flatnonzero(wants), core.cloud.max_batch) if rows.size]
+        n = inputs.tokens.shape[0]
+        arrays: list[np.ndarray] = []
+        served: list[pb.ServedBy] = [pb.ServedBy() for _ in range(n)]
+
+        async def run(rows: np.ndarray, width: int):
+            edge = await core.edge.score(inputs.tokens if rows.size == n else inputs.tokens[rows], width,
+                                         inputs.last_only)
+            if not arrays:
+                arrays.extend(np.zeros((n, *a.shape[1:]), dtype=a.dtype) for a in (edge.logprobs, edge.token_logprobs))
+            arrays[0][rows], arrays[1][rows] = edge.logprobs, edge.token_logprobs
+            return edge.token_logprobs, edge
+
+        up = await self._edge_chain("Score", run, core.edge_stages(policy, request.width, inputs.width), n, rid,
+                                    served)
+        logprobs, token_logprobs = arrays
+        if core.traffic is not None:  # the edge's own answers, before the cloud overwrites escalated rows
+            edge_next, edge_token_lp = next_token_probs(logprobs), token_logprobs.copy()
+        escalated = [rows for rows in _chunks(up, core.cloud.max_batch) if rows.size]
         await asyncio.gather(*(self._escalate_tokens(inputs.tokens[rows], rows, inputs.last_only, rid,
                                                      (logprobs, token_logprobs), served) for rows in escalated))
         record_items(core, "Score", served)
         if core.traffic is not None:
-            core.traffic.observe(Observed("Score", rid, start, policy, edge.token_logprobs,
-                                          next_token_probs(edge.logprobs), next_token_probs(logprobs), inputs.tokens,
-                                          wants, served))
+            core.traffic.observe(Observed("Score", rid, start, policy, edge_token_lp, edge_next,
+                                          next_token_probs(logprobs), inputs.tokens, _mask(up, n), served))
         reply = pb.ScoreReply(logprobs=to_tensor_msg(logprobs), token_logprobs=to_tensor_msg(token_logprobs),
                               served_by=served)
         return reply, served

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge.calibration import wilson
 from router.metrics import RouterMetrics
-from router.monitor import DRIFT_EXIT, main, wilson
+from router.monitor import DRIFT_EXIT, main
 
 
 def serve_metrics(escalated: int, kept: int) -> tuple[RouterMetrics, int]:

@@ -8,6 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from proto.security import (
+    add_channel_security_flags,
+    add_server_security_flags,
+    channel_security_from_args,
+    server_security_from_args,
+)
+
 from .ray_setup import apply_ray_env, init_ray
 
 apply_ray_env()  # before .server imports ray, which reads part of its environment at import
@@ -56,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU edge workers (default: one per GPU Ray sees; 0 = run on the CPU)")
     p.add_argument("--grace", type=float, default=d.grace_s,
                    help="seconds in-flight requests may drain on SIGTERM (default %(default)s)")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                   help="RPCs served at once; more are answered RESOURCE_EXHAUSTED (default %(default)s = no limit)")
+    add_server_security_flags(p)
+    add_channel_security_flags(p, prefix="cloud-", what="the cloud replicas")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default %(default)s)")
     return p
 
@@ -70,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         segment_tokens=args.segment_tokens, health_interval_ms=args.health_interval_ms,
         thresholds_poll_ms=args.thresholds_poll_ms,
         breaker_failures=args.breaker_failures, breaker_cooldown_ms=args.breaker_cooldown_ms,
-        edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace)
+        edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace, max_inflight=args.max_inflight,
+        security=server_security_from_args(args), cloud_security=channel_security_from_args(args, "cloud-"))
 
 
 def main(argv: list[str] | None = None) -> int:

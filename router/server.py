@@ -28,6 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from edge.results import EdgeInfo
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.security import ChannelSecurity, ServerSecurity
 from proto.validate import ModelLimits
 
 from .admin import AdminServicer
@@ -72,13 +73,16 @@ class RouterConfig:
     default_max_tokens: int = 64
     max_seq_len: int = 2048
     grace_s: float = 10.0
+    max_inflight: int = 0  # RPCs served at once; more are refused RESOURCE_EXHAUSTED (0 = no limit)
+    security: ServerSecurity = ServerSecurity()  # how clients must connect (TLS, mutual TLS, token)
+    cloud_security: ChannelSecurity = ChannelSecurity()  # how the router dials its cloud replicas
 
     def __post_init__(self) -> None:
         for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.grace_s < 0:
-            raise ValueError("--max-wait-ms and --grace must be >= 0")
+        if self.max_wait_ms < 0 or self.grace_s < 0 or self.max_inflight < 0:
+            raise ValueError("--max-wait-ms, --grace and --max-inflight must be >= 0")
         bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
         if bad:
             raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
@@ -88,7 +92,7 @@ class RouterConfig:
         """The escalation knobs of this config (validated)."""
         return EscalationSettings(deadline_s=self.deadline_ms / 1e3, breaker_failures=self.breaker_failures,
                                   breaker_cooldown_s=self.breaker_cooldown_ms / 1e3,
-                                  health_interval_s=self.health_interval_ms / 1e3)
+                                  health_interval_s=self.health_interval_ms / 1e3, channel=self.cloud_security)
 
     def edge(self) -> EdgeSettings:
         """How to run the edge workers."""
@@ -164,24 +168,29 @@ class RouterServer:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.thresholds is not None and cfg.thresholds_poll_ms > 0:
             self._watch = asyncio.create_task(self._watch_thresholds(store, cfg.thresholds_poll_ms / 1e3))
-        log.info("router serving %s at edge level %d (width %d) on %s; cloud %s; thresholds %s %s (%s)", info.task,
-                 info.edge_level, info.edge_width, self.address, ",".join(cfg.cloud) or "(none)",
+        log.info("router serving %s at edge level %d (width %d) on %s (%s); cloud %s; thresholds %s %s (%s)",
+                 info.task, info.edge_level, info.edge_width, self.address, cfg.security.describe(),
+                 ",".join(cfg.cloud) or "(none)",
                  store.current.measure, store.current.threshold, store.current.version)
 
     def _bind(self) -> None:
         size = 64 * MIB
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
-        self.server = grpc.aio.server(options=options)
+        security = self.config.security
+        self.server = grpc.aio.server(options=options, interceptors=security.interceptors(),
+                                      maximum_concurrent_rpcs=self.config.max_inflight or None)
         assert self.core is not None
         pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.core), self.server)
         pb_grpc.add_RouterAdminServicer_to_server(AdminServicer(self.core.thresholds, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(target)
+            self.port = security.add_port(self.server, target)
         except RuntimeError as err:
             raise OSError(f"cannot listen on {target} ({err}); is the port in use? pick another with --port") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {target}; is the port in use? pick another with --port")
 
     async def _watch_thresholds(self, store: ThresholdStore, interval_s: float) -> None:
         """Put a changed thresholds file in force (a bad one is logged and the old thresholds stay)."""

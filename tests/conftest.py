@@ -1,6 +1,9 @@
-"""Shared test setup: the `gpu` marker and small model factories."""
+"""Shared test setup: the `gpu` marker, small model factories, and the session's one Ray cluster."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,6 +18,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator:
+    """One Ray cluster for the whole test session (starting one costs seconds); a router.ray_setup.RayInfo."""
+    import ray
+
+    from router.ray_setup import init_ray
+
+    environment = dict(os.environ)  # init_ray sets HOME and RAY_* for Ray's processes; restored after
+    info = init_ray(num_cpus=8)  # logical CPUs: room for every test's actors on a small machine
+    yield info
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(environment)
+    info.cleanup()
 
 
 def small_block_config(**overrides) -> MatMamba2Config:

@@ -27,7 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from edge.results import EdgeInfo
 from proto import matmamba_pb2 as pb
-from proto import matmamba_pb2_grpc as pb_grpc
+from proto.handlers import add_servicer
 from proto.security import ChannelSecurity, ServerSecurity
 from proto.validate import ModelLimits
 
@@ -181,8 +181,8 @@ class RouterServer:
         self.server = grpc.aio.server(options=options, interceptors=security.interceptors(),
                                       maximum_concurrent_rpcs=self.config.max_inflight or None)
         assert self.core is not None
-        pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.core), self.server)
-        pb_grpc.add_RouterAdminServicer_to_server(AdminServicer(self.core.thresholds, self.metrics), self.server)
+        add_servicer("Inference", RouterServicer(self.core), self.server)  # bytes that do not parse: INVALID_ARGUMENT
+        add_servicer("RouterAdmin", AdminServicer(self.core.thresholds, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = f"{self.config.host}:{self.config.port}"
         try:

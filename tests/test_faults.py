@@ -4,6 +4,7 @@ Every scenario keeps clients sending images the edge model doubts (each wants th
 counts: every request sent got an answer (none lost, none hung past its deadline), and each answer
 came from the tier the scenario allows. Cloud replicas are ``python -m cloud`` processes; the
 router link faults go through bench.faultproxy. Routers run in the session's Ray cluster.
+With ``RELIABILITY_OUT=DIR`` each scenario's counts go to DIR/faults.json (docs/RELIABILITY.md).
 The SIGTERM drain of a lone router and of a lone cloud replica are in test_router_integration.py
 and test_cloud_process.py; here a replica drains while a router escalates to it, and a router is
 restarted (SIGTERM, drain, start again) while clients retry.
@@ -11,6 +12,8 @@ restarted (SIGTERM, drain, start again) while clients retry.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 import time
@@ -37,6 +40,16 @@ pytestmark = pytest.mark.slow
 CLIENTS = 3  # concurrent client threads (a 2-core machine also runs the cloud replicas and the edge worker)
 MAX_REQUESTS = 3000  # per load run: the loops are bounded in count as well as in time
 CLIENT_TIMEOUT_S = 20.0  # a client's deadline per request
+FIGURES: dict[str, dict] = {}  # scenario -> its counts (written with RELIABILITY_OUT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_figures() -> Iterator[None]:
+    yield
+    folder = os.environ.get("RELIABILITY_OUT")
+    if folder and FIGURES:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "faults.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +128,18 @@ class Load:
         with self._lock:
             return [a for a in self.answers if a.sent > start and a.done < end]
 
-    def check_none_lost(self) -> None:
+    def check_none_lost(self, scenario: str, **extra: float) -> None:
+        """Every request answered, none past its deadline; records the scenario's figures."""
         assert not any(t.is_alive() for t in self._threads), "a client is still waiting: a hung request"
         assert len(self.answers) == self.sent > 0
         errors = [(a.error.code.name, a.error.details) for a in self.answers if a.error is not None]
         assert not errors, errors[:5]
         assert max(a.seconds for a in self.answers) < self.timeout_s
+        kinds = [("degraded" if a.prediction.degraded else a.prediction.tier) for a in self.answers]
+        FIGURES[scenario] = {"requests": self.sent, "answered": len(self.answers), "lost": self.sent - len(kinds),
+                             "errors": len(errors), **{k: kinds.count(k) for k in ("edge", "cloud", "degraded")},
+                             "max_latency_s": round(max(a.seconds for a in self.answers), 3),
+                             **{k: round(v, 3) for k, v in extra.items()}}
 
 
 def start_router(cloud: tuple[str, ...], **overrides) -> RouterThread:
@@ -172,7 +191,7 @@ def test_kill_9_one_of_two_replicas_mid_load_the_other_takes_over(clouds: Clouds
             clouds.a.proc.kill()  # kill -9 with escalations in flight
             killed = time.monotonic()
             wait_until(lambda: load.count(after=killed + 1.0) >= 30, 60, "answers after the kill")
-        load.check_none_lost()
+        load.check_none_lost("kill -9 one of two cloud replicas mid-load")
         wrong = [(a.prediction.tier, a.prediction.degraded) for a in load.answers
                  if a.prediction.tier != "cloud" or a.prediction.degraded]
         assert not wrong  # in-flight escalations on the dead replica were retried on the other one
@@ -203,7 +222,8 @@ def test_all_replicas_killed_answers_degraded_and_escalation_resumes_within_5_s(
                        "escalation to resume within 5 s of the restarted replica serving")
             resumed = min(a.done for a in load.between(0)
                           if a.done > serving and a.prediction is not None and a.prediction.tier == "cloud")
-        load.check_none_lost()
+        load.check_none_lost("kill -9 every cloud replica, restart them", resume_after_restart_s=resumed - serving,
+                             max_degraded_latency_s=max(a.seconds for a in down))
         assert down and all(a.prediction.tier == "edge" and a.prediction.degraded for a in down)
         assert all(a.seconds < 0.5 + 2.0 for a in down)  # the 500 ms deadline holds (edge compute aside)
         assert resumed - serving < 5.0
@@ -222,7 +242,7 @@ def test_sigterm_on_a_replica_drains_its_escalations_and_the_router_moves_on(
             assert clouds.a.proc.wait(timeout=30) == 0  # drained and exited cleanly
             stopped = time.monotonic()
             wait_until(lambda: load.count(after=stopped) >= 20, 60, "answers after the drain")
-        load.check_none_lost()
+        load.check_none_lost("SIGTERM one of two replicas under load (drain)")
         assert all(a.prediction.tier == "cloud" and not a.prediction.degraded for a in load.answers)
         assert all(a.prediction.served.replica == clouds.b.address for a in load.between(stopped + 0.5))
     finally:
@@ -260,7 +280,8 @@ def test_slow_stalling_and_resetting_link_deadlines_hold_and_answers_degrade(
                 proxy.set_delay(0)
                 healed = time.monotonic()
                 wait_until(lambda: load.count(after=healed, tier="cloud") >= 5, 15, "escalation after the link heals")
-            load.check_none_lost()
+            late = max(a.seconds for name in ("late", "stall", "reset") for a in phases[name])
+            load.check_none_lost("slow / late / stalled / reset router-cloud link", max_faulted_latency_s=late)
         finally:
             router.stop()
     slow_ms = [a.prediction.served.cloud_ms for a in phases["slow"] if a.prediction.tier == "cloud"]
@@ -295,7 +316,7 @@ def test_router_restart_while_clients_retry(ray_cluster, clouds: Clouds, doubtfu
             router.start().wait_serving()
             up = time.monotonic()
             wait_until(lambda: load.count(after=up) >= 10, 60, "answers after the restart")
-        load.check_none_lost()
+        load.check_none_lost("router SIGTERM + restart while clients retry", router_down_s=up - down)
         spanning = [a for a in load.answers if a.sent < up - 1.0 and a.done > up]
         assert spanning, "some request was sent while the router was down and answered after it came back"
         assert up - down > 1.0

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from cloud.__main__ import main as cloud_main
@@ -30,30 +32,28 @@ def saved(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def refingerprint(folder: Path) -> None:
-    """Record the fingerprint of what the folder now holds (a tamperer who also rewrites config.json)."""
-    raw = json.loads((folder / CONFIG).read_text())
-    raw["fingerprint"] = checkpoint_fingerprint(folder / WEIGHTS, raw)
-    (folder / CONFIG).write_text(json.dumps(raw))
-
-
-def test_wrong_shape_behind_a_matching_fingerprint_is_refused(tmp_path: Path) -> None:
-    folder = saved(tmp_path)
+def tamper(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None], *, refingerprint: bool) -> None:
+    """Apply ``edit`` to the weights; with ``refingerprint`` also record their new fingerprint in config.json
+    (a tamperer who rewrites both, so that only the shape and name checks are left to catch it)."""
     tensors = load_file(folder / WEIGHTS)
-    tensors["head.bias"] = tensors["head.bias"][:-1].clone()  # 9 classes' worth for a 10-class head
+    edit(tensors)
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
-    refingerprint(folder)
-    with pytest.raises(ValueError, match=r"tensor head.bias has shape \(9,\).*config needs \(10,\)"):
-        MatMambaVision.from_pretrained(folder)
+    if refingerprint:
+        raw = json.loads((folder / CONFIG).read_text())
+        raw["fingerprint"] = checkpoint_fingerprint(folder / WEIGHTS, raw)
+        (folder / CONFIG).write_text(json.dumps(raw))
 
 
-def test_missing_and_unexpected_tensors_are_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"head.bias": t["head.bias"][:-1].clone()}),  # 9 classes' worth for a 10-class head
+     r"tensor head.bias has shape \(9,\).*config needs \(10,\)"),
+    (lambda t: t.update({"extra.weight": t.pop("head.bias")}),
+     r"missing \['head.bias'\], unexpected \['extra.weight'\]"),
+], ids=["wrong shape", "missing and unexpected"])
+def test_wrong_tensors_behind_a_matching_fingerprint_are_refused(tmp_path: Path, edit, message: str) -> None:
     folder = saved(tmp_path)
-    tensors = load_file(folder / WEIGHTS)
-    tensors["extra.weight"] = tensors.pop("head.bias")
-    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
-    refingerprint(folder)
-    with pytest.raises(ValueError, match=r"missing \['head.bias'\], unexpected \['extra.weight'\]"):
+    tamper(folder, edit, refingerprint=True)
+    with pytest.raises(ValueError, match=message):
         MatMambaVision.from_pretrained(folder)
 
 
@@ -104,9 +104,7 @@ def test_a_pickle_beside_the_weights_is_never_unpickled(tmp_path: Path) -> None:
 
 def test_cloud_refuses_a_tampered_checkpoint_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = saved(tmp_path)
-    tensors = load_file(folder / WEIGHTS)
-    tensors["head.bias"][0] += 1.0
-    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    tamper(folder, lambda t: t["head.bias"].add_(1.0), refingerprint=False)
     with caplog.at_level(logging.ERROR, logger="cloud"):
         assert cloud_main(["--checkpoint", str(folder), "--port", "0", "--metrics-port", "-1"]) == 1
     assert "cannot serve" in caplog.text and "does not match the fingerprint" in caplog.text

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
-from proto.security import ChannelSecurity
+from proto.security import PLAINTEXT, ChannelSecurity
 from proto.tensors import from_tensor_msg, to_tensor_msg
 
 from .images import as_batch, load_image_file
@@ -74,7 +74,6 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
-PLAINTEXT = ChannelSecurity()
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 

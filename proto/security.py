@@ -241,6 +241,9 @@ class ChannelSecurity:
         return grpc.intercept_channel(channel, _SyncToken(self.token)) if self.token else channel
 
 
+PLAINTEXT = ChannelSecurity()  # no TLS, no token: the default of every client
+
+
 # ------------------------------------------------------------------ command-line flags
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloud.client import CloudClient
 from cloud.server import ServerConfig
 from edge.client import NO_RETRY, EdgeClient, RouterError
 from proto import matmamba_pb2 as pb
@@ -183,6 +184,12 @@ def test_router_escalation_pool_needs_the_client_certificate_and_token(secured: 
     fingerprint = pb_grpc.InferenceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=10).checkpoint_sha256
     channel.close()
     assert asyncio.run(escalate(secured.cloud_channel())) == (True, address)
+
+    async def direct() -> int:
+        async with CloudClient(address, security=secured.cloud_channel()) as cloud:
+            return len((await cloud.classify(IMAGES)).served_by)
+
+    assert asyncio.run(direct()) == 2  # cloud.client.CloudClient takes the same options
     ok, reason = asyncio.run(escalate(secured.cloud_channel(token=None)))
     assert not ok and "UNAUTHENTICATED" in reason
     ok, reason = asyncio.run(escalate(secured.cloud_channel(cert=None, key=None)))

@@ -6,6 +6,8 @@ forwards every connection made to ``--listen`` to ``--target`` and holds each ch
 ``--delay-ms`` in each direction, so a request/reply round trip gains 2 x 20 ms (use
 ``--up-delay-ms`` / ``--down-delay-ms`` for one direction only). Delay is latency, not a
 bandwidth cap: chunks read back to back leave back to back, each ``delay`` after it arrived.
+To simulate a round-trip time of R ms between two tiers, put the proxy between them with
+``delay_ms=R / 2``.
 
 From Python (tests, benchmarks), the proxy runs on its own event loop thread and every control
 method may be called from any thread while traffic flows::

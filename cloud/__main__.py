@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from proto.security import add_server_security_flags, server_security_from_args
+
 from .server import ServerConfig, serve
 
 log = logging.getLogger("cloud")
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest Score sequence and prompt + max_tokens (default %(default)s)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s,
                    help="seconds in-flight RPCs may drain on SIGTERM (default %(default)s)")
+    add_server_security_flags(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG logs every request (default %(default)s)")
     return p
 
@@ -58,7 +61,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         precision=args.precision, cpu_threads=args.cpu_threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_message_mb=args.max_message_mb,
         max_generate=args.max_generate, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
-        max_seq_len=args.max_seq_len, grace_s=args.grace,
+        max_seq_len=args.max_seq_len, grace_s=args.grace, security=server_security_from_args(args),
     )
 
 

@@ -8,6 +8,9 @@
         async for chunk in cloud.generate("It is a truth", max_tokens=32, temperature=0):
             print(chunk.text, end="")
 
+``security=ChannelSecurity(ca=..., cert=..., key=..., token=...)`` dials a replica started with
+TLS, mutual TLS or a bearer token (docs/SECURITY.md).
+
 Failures are ``grpc.aio.AioRpcError`` with the server's status code and message (see
 matmamba.proto: INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...).
 """
@@ -25,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.security import PLAINTEXT, ChannelSecurity
 from proto.tensors import from_tensor_msg, to_tensor_msg
 
 MIB = 1 << 20
@@ -52,10 +56,11 @@ class ScoreResult:
 class CloudClient:
     """Async client of one replica. ``timeout`` (seconds) is every call's default deadline; None = none."""
 
-    def __init__(self, address: str, *, timeout: float | None = 10.0, max_message_mb: int = 16) -> None:
+    def __init__(self, address: str, *, timeout: float | None = 10.0, max_message_mb: int = 16,
+                 security: ChannelSecurity = PLAINTEXT) -> None:
         size = max_message_mb * MIB
         self.address, self.timeout = address, timeout
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = security.aio_channel(
             address, options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 import matmamba
 from matmamba.devices import describe_device
 from proto import matmamba_pb2 as pb
+from proto.security import ServerSecurity
 
 from .metrics import CloudMetrics
 from .runner import ModelRunner
@@ -59,6 +60,7 @@ class ServerConfig:
     default_max_tokens: int = 64  # max_tokens when a request leaves it 0
     max_seq_len: int = 2048  # longest Score sequence, and prompt + max_tokens
     grace_s: float = 10.0  # how long in-flight RPCs may drain on shutdown
+    security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / bearer token (default: plaintext, none)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len"):
@@ -111,12 +113,13 @@ class CloudServer:
         size = self.config.max_message_mb * MIB
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
-        self.server = grpc.aio.server(options=options)
+        security = self.config.security
+        self.server = grpc.aio.server(options=options, interceptors=security.interceptors())
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = _host_port(self.config.host, self.config.port)
         try:
-            self.port = self.server.add_insecure_port(target)
+            self.port = security.add_port(self.server, target)
         except RuntimeError as err:
             raise OSError(f"cannot listen on {target} ({err}); is the port in use? pick another with --port") from None
         if self.port == 0:
@@ -128,7 +131,8 @@ class CloudServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self.servicer.replica = self.address
-        log.info("listening on %s (health NOT_SERVING until warm)", self.address)
+        log.info("listening on %s, %s (health NOT_SERVING until warm)", self.address,
+                 self.config.security.describe())
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         runner = self._runner or await asyncio.to_thread(self._load)

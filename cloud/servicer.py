@@ -13,18 +13,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 import matmamba
 from matmamba.devices import describe_device
 from matmamba.flops import flops_per_item
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.handlers import MalformedRequest, add_servicer
 from proto.tensors import to_tensor_msg
 from proto.validate import RequestError, validate_classify, validate_generate, validate_score
 
@@ -41,46 +40,14 @@ MEAN_TOKEN_LOGPROB = "mean_token_logprob"
 REQUEST_ID_CHARS = 16
 
 
-@dataclass(frozen=True)
-class MalformedRequest:
-    """Bytes that did not parse as the method's request message (e.g. a string field with bad UTF-8)."""
-
-    type_name: str
-    error: str
-    request_id: str = ""
-
-
-def _lenient_parser(message_class: type) -> Callable[[bytes], object]:
-    """A request deserializer that returns MalformedRequest instead of raising (grpc would answer UNKNOWN)."""
-
-    def parse(data: bytes) -> object:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as err:
-            return MalformedRequest(message_class.DESCRIPTOR.full_name, str(err))
-
-    return parse
-
-
 def add_to_server(servicer: pb_grpc.InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` like the generated add_InferenceServicer_to_server, but unparsable requests
-    reach the servicer as MalformedRequest, which it answers INVALID_ARGUMENT."""
-    service = pb.DESCRIPTOR.services_by_name["Inference"]
-    handlers = {}
-    for method in service.methods:
-        request_class, reply_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=_lenient_parser(request_class),
-                                     response_serializer=reply_class.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    """Register ``servicer``; unparsable requests reach it as MalformedRequest, which it answers INVALID_ARGUMENT."""
+    add_servicer("Inference", servicer, server, refuse_malformed=False)
 
 
 def _check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the request bytes are not a valid {request.type_name}: {request.error}")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
 def _finish(metrics: CloudMetrics, method: str, code: grpc.StatusCode, start: float, request_id: str) -> None:

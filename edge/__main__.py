@@ -25,6 +25,8 @@ from typing import TextIO
 import numpy as np
 from rich.console import Console
 
+from proto.security import add_channel_security_flags, channel_security_from_args
+
 from . import demo
 from .client import DEFAULT_ROUTER, EdgeClient, Prediction, RouterError
 from .images import load_images
@@ -55,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(d)
     for command in sub.choices.values():
         command.add_argument("--router", default=DEFAULT_ROUTER, help="router address HOST:PORT (%(default)s)")
-        command.add_argument("--timeout", type=float, default=30.0, help="seconds per call (%(default)s)")
+        command.add_argument("--timeout", type=float, default=30.0,
+                             help="seconds per call, retries of UNAVAILABLE included (%(default)s)")
+        add_channel_security_flags(command, what="the router")
     return p
+
+
+def connect(args: argparse.Namespace) -> EdgeClient:
+    """A client of --router with --timeout and the TLS / token flags."""
+    return EdgeClient(args.router, timeout_s=args.timeout, security=channel_security_from_args(args))
 
 
 @dataclass
@@ -102,7 +111,7 @@ def summarize(rows: list[ClassifyRow]) -> str:
 
 def run_classify(args: argparse.Namespace, out: TextIO) -> int:
     """Classify every image (one request each, --concurrency in flight); exit 1 if any failed."""
-    with EdgeClient(args.router, timeout_s=args.timeout) as client:
+    with connect(args) as client:
         size = client.info().image_size or None
         items = load_images(args.images, size=size)
         width = min(max(len(name) for name, _ in items), 60)
@@ -118,7 +127,7 @@ def run_classify(args: argparse.Namespace, out: TextIO) -> int:
 def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     """Stream a generation to ``out``; a summary of tokens per tier goes to stderr."""
     color = args.color == "always" or (args.color == "auto" and out.isatty())
-    with EdgeClient(args.router, timeout_s=args.timeout) as client:
+    with connect(args) as client:
         result = stream_generation(client, args.prompt, out, color, max_tokens=args.max_tokens,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(result.summary(), file=sys.stderr)
@@ -127,7 +136,7 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
 
 def run_info(args: argparse.Namespace, out: TextIO) -> int:
     """Print the served model and the health of the router's cloud."""
-    with EdgeClient(args.router, timeout_s=args.timeout) as client:
+    with connect(args) as client:
         info = client.info()
         cloud = client.health("matmamba.v1.Inference/cloud")
     print(f"task {info.task}, checkpoint {info.checkpoint[:12]}..., edge width {info.edge_width} "

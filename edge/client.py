@@ -12,12 +12,18 @@ No torch here (a test checks it): an edge device needs grpcio, numpy and, for im
         print(client.info().task)                   # "vision" or "lm"
 
 Errors of the router arrive as :class:`RouterError` with the gRPC status code and its message.
+A call the router answers UNAVAILABLE (restarting, draining, not reachable yet) is retried with
+exponential backoff, at most ``retry.attempts`` times and never past the call's deadline
+(``timeout_s`` covers every attempt); a generation only before its first chunk arrived.
+``security=ChannelSecurity(ca=..., token=...)`` dials with TLS / mutual TLS / a bearer token
+(docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.security import PLAINTEXT, ChannelSecurity
 from proto.tensors import from_tensor_msg, to_tensor_msg
 
 from .images import as_batch, load_image_file
@@ -44,6 +51,30 @@ class RouterError(RuntimeError):
     def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"router at {address} answered {code.name}: {details}")
         self.code, self.details = code, details
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry of calls answered UNAVAILABLE: bounded in attempts and by the call's deadline."""
+
+    attempts: int = 5  # tries in all, the first included; 1 = no retry
+    initial_backoff_s: float = 0.1  # wait before the second try; doubles each time ...
+    max_backoff_s: float = 2.0  # ... up to this (each wait is drawn in [backoff/2, backoff]: jitter)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(f"need attempts >= 1 and 0 <= initial_backoff_s <= max_backoff_s, got {self}")
+
+    def backoffs(self) -> Iterator[float]:
+        """The waits between tries (attempts - 1 of them)."""
+        backoff = self.initial_backoff_s
+        for _ in range(self.attempts - 1):
+            yield random.uniform(backoff / 2, backoff)
+            backoff = min(2 * backoff, self.max_backoff_s)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True)
@@ -135,10 +166,13 @@ class RouterInfo:
 class EdgeClient:
     """A connection to the router (``address`` = HOST:PORT). Thread-safe; close it, or use ``with``."""
 
-    def __init__(self, address: str = DEFAULT_ROUTER, *, timeout_s: float = 30.0) -> None:
-        self.address, self.timeout_s = address, timeout_s
-        options = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB)]
-        self._channel = grpc.insecure_channel(address, options=options)
+    def __init__(self, address: str = DEFAULT_ROUTER, *, timeout_s: float = 30.0, retry: RetryPolicy = RetryPolicy(),
+                 security: ChannelSecurity = PLAINTEXT) -> None:
+        self.address, self.timeout_s, self.retry = address, timeout_s, retry
+        options = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB),
+                   ("grpc.enable_retries", 0),  # retries are ours (RetryPolicy), bounded by the deadline
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        self._channel = security.channel(address, options=options)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._admin = pb_grpc.RouterAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -153,11 +187,21 @@ class EdgeClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _retrying(self, attempt: Callable[[float], Any], timeout_s: float | None) -> Any:
+        """``attempt(seconds left)`` until it returns, retrying UNAVAILABLE within the policy and deadline."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        backoffs = self.retry.backoffs()
+        while True:
+            try:
+                return attempt(deadline - time.monotonic())
+            except grpc.RpcError as err:
+                wait = next(backoffs, None) if err.code() in RETRY_CODES else None
+                if wait is None or time.monotonic() + wait >= deadline:
+                    raise RouterError(self.address, err.code(), err.details() or "") from None
+                time.sleep(wait)
+
     def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as err:
-            raise RouterError(self.address, err.code(), err.details() or "") from None
+        return self._retrying(lambda left: method(request, timeout=left), timeout_s)
 
     def info(self) -> RouterInfo:
         """The served model (cached after the first call)."""
@@ -196,11 +240,22 @@ class EdgeClient:
             request.text = prompt
         else:
             request.token_ids.ids.extend(int(t) for t in prompt)
-        stream = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+
+        def first(left: float) -> tuple[Any, Any]:  # a stream and its first chunk (retried as one)
+            stream = self._stub.Generate(request, timeout=left)
+            try:
+                return stream, next(stream, None)
+            except grpc.RpcError:
+                stream.cancel()
+                raise
+
+        stream, chunk = self._retrying(first, deadline - time.monotonic())
         try:
-            for chunk in stream:
+            while chunk is not None:
                 yield Chunk(chunk.text, tuple(chunk.token_ids), tuple(chunk.logprobs),
                             Served.from_proto(chunk.served_by), FINISH_NAMES.get(chunk.finish_reason))
+                chunk = next(stream, None)
         except grpc.RpcError as err:
             raise RouterError(self.address, err.code(), err.details() or "") from None
         finally:

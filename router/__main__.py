@@ -8,6 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from proto.security import (
+    add_channel_security_flags,
+    add_server_security_flags,
+    channel_security_from_args,
+    server_security_from_args,
+)
+
 from .ray_setup import apply_ray_env, init_ray
 
 apply_ray_env()  # before .server imports ray, which reads part of its environment at import
@@ -77,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "estimate edge/cloud agreement (default %(default)s)")
     p.add_argument("--shadow-max-inflight", type=int, default=d.shadow_max_inflight,
                    help="shadow calls at once; more are dropped (default %(default)s)")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                   help="RPCs served at once; more are answered RESOURCE_EXHAUSTED (default %(default)s = no limit)")
+    add_server_security_flags(p)
+    add_channel_security_flags(p, prefix="cloud-", what="the cloud replicas")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default %(default)s)")
     return p
 
@@ -96,7 +107,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace, traffic_log=args.traffic_log,
         traffic_log_max_mb=args.traffic_log_max_mb, traffic_log_files=args.traffic_log_files,
         log_inputs=args.log_inputs, log_inputs_max_kb=args.log_inputs_max_kb, shadow_rate=args.shadow_rate,
-        shadow_max_inflight=args.shadow_max_inflight)
+        shadow_max_inflight=args.shadow_max_inflight,
+        max_inflight=args.max_inflight,
+        security=server_security_from_args(args), cloud_security=channel_security_from_args(args, "cloud-"))
 
 
 def main(argv: list[str] | None = None) -> int:

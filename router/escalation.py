@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.security import ChannelSecurity
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class EscalationSettings:
     health_interval_s: float = 1.0  # between health checks of each replica (--health-interval-ms)
     health_timeout_s: float = 1.0  # deadline of one health check / ModelInfo call
     max_message_bytes: int = 64 * MIB
+    channel: ChannelSecurity = ChannelSecurity()  # TLS / mutual TLS / token towards the replicas (--cloud-ca, ...)
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.breaker_cooldown_s < 0 or self.health_interval_s <= 0:
@@ -182,7 +184,7 @@ class Replica:
         size = settings.max_message_bytes
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                    ("grpc.enable_retries", 0), *CHANNEL_BACKOFF_MS]
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.channel = settings.channel.aio_channel(address, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)

@@ -27,7 +27,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from edge.results import EdgeInfo
 from proto import matmamba_pb2 as pb
-from proto import matmamba_pb2_grpc as pb_grpc
+from proto.handlers import add_servicer
+from proto.security import ChannelSecurity, ServerSecurity
 from proto.validate import ModelLimits
 
 from .admin import AdminServicer
@@ -82,13 +83,16 @@ class RouterConfig:
     log_inputs_max_kb: float = 64.0  # inputs of a request larger than this are left out of its record
     shadow_rate: float = 0.0  # share of kept items also sent to the cloud in the background
     shadow_max_inflight: int = 4
+    max_inflight: int = 0  # RPCs served at once; more are refused RESOURCE_EXHAUSTED (0 = no limit)
+    security: ServerSecurity = ServerSecurity()  # how clients must connect (TLS, mutual TLS, token)
+    cloud_security: ChannelSecurity = ChannelSecurity()  # how the router dials its cloud replicas
 
     def __post_init__(self) -> None:
         for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.grace_s < 0:
-            raise ValueError("--max-wait-ms and --grace must be >= 0")
+        if self.max_wait_ms < 0 or self.grace_s < 0 or self.max_inflight < 0:
+            raise ValueError("--max-wait-ms, --grace and --max-inflight must be >= 0")
         bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
         if bad:
             raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
@@ -112,7 +116,7 @@ class RouterConfig:
         """The escalation knobs of this config (validated)."""
         return EscalationSettings(deadline_s=self.deadline_ms / 1e3, breaker_failures=self.breaker_failures,
                                   breaker_cooldown_s=self.breaker_cooldown_ms / 1e3,
-                                  health_interval_s=self.health_interval_ms / 1e3)
+                                  health_interval_s=self.health_interval_ms / 1e3, channel=self.cloud_security)
 
     def shadow(self) -> ShadowSettings:
         """Shadow escalation knobs (validated)."""
@@ -205,8 +209,8 @@ class RouterServer:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.thresholds is not None and cfg.thresholds_poll_ms > 0:
             self._watch = asyncio.create_task(self._watch_thresholds(store, cfg.thresholds_poll_ms / 1e3))
-        log.info("router serving %s at edge level %s (loaded width %d) on %s; cloud %s; thresholds %s (%s)",
-                 info.task, ",".join(map(str, cfg.chain)), info.edge_width, self.address,
+        log.info("router serving %s at edge level %s (loaded width %d) on %s (%s); cloud %s; thresholds %s (%s)",
+                 info.task, ",".join(map(str, cfg.chain)), info.edge_width, self.address, cfg.security.describe(),
                  ",".join(cfg.cloud) or "(none)",
                  ", ".join(f"level {s.edge_level}: {s.measure} >= {s.threshold}" for s in store.current.chain),
                  store.current.version)
@@ -230,16 +234,20 @@ class RouterServer:
         size = 64 * MIB
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
-        self.server = grpc.aio.server(options=options)
+        security = self.config.security
+        self.server = grpc.aio.server(options=options, interceptors=security.interceptors(),
+                                      maximum_concurrent_rpcs=self.config.max_inflight or None)
         assert self.core is not None
-        pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.core), self.server)
-        pb_grpc.add_RouterAdminServicer_to_server(AdminServicer(self.core.thresholds, self.metrics), self.server)
+        add_servicer("Inference", RouterServicer(self.core), self.server)  # bytes that do not parse: INVALID_ARGUMENT
+        add_servicer("RouterAdmin", AdminServicer(self.core.thresholds, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(target)
+            self.port = security.add_port(self.server, target)
         except RuntimeError as err:
             raise OSError(f"cannot listen on {target} ({err}); is the port in use? pick another with --port") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {target}; is the port in use? pick another with --port")
 
     async def _watch_thresholds(self, store: ThresholdStore, interval_s: float) -> None:
         """Put a changed thresholds file in force (a bad one is logged and the old thresholds stay)."""

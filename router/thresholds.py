@@ -285,11 +285,21 @@ def load_thresholds(path: str | Path, *, task: str, fingerprint: str = "", edge_
                     edge_levels: tuple[int, ...] = ()) -> Thresholds:
     """Read and validate a thresholds file; ThresholdsError (with its gRPC code) when refused."""
     file = Path(path)
-    if not file.is_file():
+    try:
+        is_file = file.is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ThresholdsError(grpc.StatusCode.NOT_FOUND,
+                              f"thresholds file {str(file)[:200]!r}: {err.strerror}") from None
+    if not is_file:
         raise ThresholdsError(grpc.StatusCode.NOT_FOUND, f"thresholds file {file} does not exist (or is not a file)")
-    if file.stat().st_size > MAX_FILE_BYTES:
-        raise _invalid(str(file), f"{file.stat().st_size:,} bytes; a thresholds file is a small JSON object")
-    return parse_thresholds(file.read_bytes(), path=str(file.resolve()), task=task, fingerprint=fingerprint,
+    try:  # at most MAX_FILE_BYTES + 1 bytes: files such as /proc/* report size 0 whatever they hold
+        with file.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise _invalid(str(file), f"cannot be read ({err.strerror or err})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise _invalid(str(file), f"over {MAX_FILE_BYTES:,} bytes; a thresholds file is a small JSON object")
+    return parse_thresholds(raw, path=str(file.resolve()), task=task, fingerprint=fingerprint,
                             edge_level=edge_level, edge_levels=edge_levels)
 
 

@@ -28,7 +28,7 @@ from proto import matmamba_pb2 as pb
 
 from .metrics import CloudMetrics
 from .runner import ModelRunner
-from .servicer import CloudServicer, add_to_server
+from .servicer import CloudServicer, SpeculativeServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,13 @@ class ServerConfig:
     default_max_tokens: int = 64  # max_tokens when a request leaves it 0
     max_seq_len: int = 2048  # longest Score sequence, and prompt + max_tokens
     grace_s: float = 10.0  # how long in-flight RPCs may drain on shutdown
+    max_sessions: int = 256  # speculative-decoding sessions held at once (about 0.8 MB each for the shipped LM)
+    session_ttl_s: float = 60.0  # a session idle this long is dropped
+    max_draft_tokens: int = 32  # most drafted tokens one Verify may carry
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len"):
+        for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len",
+                     "max_sessions", "session_ttl_s", "max_draft_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.grace_s < 0:
@@ -94,6 +98,8 @@ class CloudServer:
         self.servicer = CloudServicer(self.metrics, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3,
                                       max_queue=config.max_queue, max_generate=config.max_generate,
                                       batch_executor=self._batch_executor)
+        self.speculative = SpeculativeServicer(self.servicer, max_sessions=config.max_sessions,
+                                               ttl_s=config.session_ttl_s, max_draft=config.max_draft_tokens)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None
@@ -113,6 +119,7 @@ class CloudServer:
                    ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
         self.server = grpc.aio.server(options=options)
         add_to_server(self.servicer, self.server)
+        add_to_server(self.speculative, self.server, "SpeculativeDecoding")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = _host_port(self.config.host, self.config.port)
         try:
@@ -159,6 +166,7 @@ class CloudServer:
         await self.servicer.batcher.stop()
         if self.servicer.generation is not None:
             self.servicer.generation.shutdown()
+        self.speculative.shutdown()
         self._batch_executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         log.info("stopped")

@@ -193,6 +193,25 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states)
 
 
+def ssd_states(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor,
+               initial_states: torch.Tensor) -> torch.Tensor:
+    """The SSM state after every position of a short chunk (speculative verification keeps them to roll back).
+
+    x: (b, l, h, p); dt: (b, l, h) raw; A, dt_bias: (h,); B: (b, l, g, n); initial_states: (b, h, p, n).
+    Returns (b, l, h, p, n) fp32: entry t is the state after positions 0..t, the recurrence of `ssd_step`
+    in closed form: S_t = e^{a_t} S_0 + sum_{s<=t} e^{a_t - a_s} dt_s x_s B_s^T with a_t = sum_{r<=t} dt_r A.
+    Memory is l times one state, so it is meant for chunks of tens of tokens, on CPU and CUDA alike.
+    """
+    h, length = x.shape[2], x.shape[1]
+    dt = F.softplus(dt.float() + dt_bias.float())  # (b, l, h)
+    a_cum = torch.cumsum(dt * A.float(), dim=1)  # (b, l, h)
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    decay = (a_cum.unsqueeze(2) - a_cum.unsqueeze(1)).masked_fill(~causal[..., None], float("-inf")).exp()  # (b, t, s, h)
+    B = B.float().repeat_interleave(h // B.shape[2], dim=2)  # (b, l, h, n)
+    inputs = torch.einsum("btsh,bsh,bshp,bshn->bthpn", decay, dt, x.float(), B)
+    return inputs + a_cum.exp()[..., None, None] * initial_states.float().unsqueeze(1)
+
+
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """One recurrent step; updates state (b, h, p, n) in place.

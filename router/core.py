@@ -40,6 +40,8 @@ class RouterCore:
     metrics: RouterMetrics
     tokenizer: Any = None  # LM checkpoints: encode(text) -> ids, decode(ids) -> text, eos_id
     segment_tokens: int = 8  # generation: tokens per edge segment judged as one
+    generate_mode: str = "segment"  # Generate requests that name no mode: "segment" or "speculative"
+    draft_tokens: int = 8  # speculative generation: most tokens drafted per verification round
 
     def level_of(self, width: int) -> int:
         """Nesting level of ``width`` (d_model / width); 0 for width 0."""

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "matmamba.v1.Inference"
 CLOUD_HEALTH_SERVICE = f"{INFERENCE_SERVICE}/cloud"
+GENERATE_MODES = ("segment", "speculative")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -62,6 +63,8 @@ class RouterConfig:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     segment_tokens: int = 8
+    generate_mode: str = "segment"  # or "speculative" (router/speculative.py)
+    draft_tokens: int = 8  # speculative: most tokens drafted per round
     health_interval_ms: float = 1000.0
     thresholds_poll_ms: float = 1000.0  # how often the thresholds file is checked for changes; 0 = never
     breaker_failures: int = 3
@@ -74,11 +77,14 @@ class RouterConfig:
     grace_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
+        for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len",
+                     "draft_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.grace_s < 0:
             raise ValueError("--max-wait-ms and --grace must be >= 0")
+        if self.generate_mode not in GENERATE_MODES:
+            raise ValueError(f"--generate-mode must be one of {GENERATE_MODES}, got {self.generate_mode!r}")
         bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
         if bad:
             raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
@@ -154,7 +160,7 @@ class RouterServer:
                 lambda r=replica: r.outstanding)
         tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
         self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
-                               cfg.segment_tokens)
+                               cfg.segment_tokens, cfg.generate_mode, cfg.draft_tokens)
         await cloud.start()
         self._bind()
         await self.server.start()

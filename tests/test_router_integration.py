@@ -1,6 +1,6 @@
 """The router end to end on 127.0.0.1: real cloud processes, real Ray actors, the real SDK and CLI.
 
-One Ray cluster serves the whole test session (``ray_cluster``). Cloud replicas run as
+One Ray cluster serves the whole test session (``ray_cluster``, tests/conftest.py). Cloud replicas run as
 ``python -m cloud`` subprocesses: the shipped vision and LM checkpoints, plus a vision replica
 serving a different checkpoint (a fingerprint mismatch). Two routers run in this process
 (``RouterThread``: the real RouterServer on its own event loop); one more runs as
@@ -37,7 +37,7 @@ from matmamba.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 from proto.tensors import from_tensor_msg, to_tensor_msg
-from router.ray_setup import RayInfo, init_ray
+from router.ray_setup import RayInfo
 from router.server import CLOUD_HEALTH_SERVICE, RouterConfig, RouterThread
 
 from .conftest import small_vision
@@ -128,20 +128,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 # ------------------------------------------------------------------ session and module fixtures
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayInfo]:
-    """One Ray cluster for the whole test session (starting one costs seconds)."""
-    import ray
-
-    environment = dict(os.environ)  # init_ray sets HOME and RAY_* for Ray's processes; restored after
-    info = init_ray(num_cpus=8)  # logical CPUs: room for every test's actors on a small machine
-    yield info
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(environment)
-    info.cleanup()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .conftest import small_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LM = REPO_ROOT / "checkpoints" / "matmamba-lm-austen"
+GREEDY = SamplingParams(0.0)
 
 
 # ------------------------------------------------------------------ state rollback
@@ -93,7 +94,7 @@ def _inputs(prompt: list[int], n: int, params: SamplingParams, seed: int | None,
 
 @torch.inference_mode()
 def speculate(verifier: Verifier, prompt: list[int], n: int, edge_width: int, k: int,
-              params: SamplingParams = SamplingParams(0.0), seed: int | None = None) -> tuple[list[int], int, int]:
+              params: SamplingParams = GREEDY, seed: int | None = None) -> tuple[list[int], int, int]:
     """Generate n tokens speculatively; returns (tokens, verification rounds, drafts accepted)."""
     model: MatMambaLM = verifier.runner.model
     session, _ = verifier.open(_inputs(prompt, n + k + 1, params, seed, model.config.d_model))
@@ -204,3 +205,38 @@ def test_sampled_speculative_output_follows_the_full_model() -> None:
     assert (edge_first - first).abs().sum() > 0.5
     first_counts = counts.reshape(8, 8).sum(1)
     assert chisquare_pvalue(first_counts, edge_first.numpy() * trials + 1e-9) < 1e-6
+
+
+# ------------------------------------------------------------------ the edge worker's drafts
+
+
+def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path) -> None:
+    """A draft segment keeps checkpoints: the next context (accepted prefix + the cloud's token) resumes there."""
+    import asyncio
+
+    from edge.results import SegmentRequest
+    from edge.worker import EdgeWorker
+
+    small_lm(seed=4).save_pretrained(tmp_path / "lm")
+    worker = EdgeWorker(tmp_path / "lm", 4)
+    prompt = np.arange(6, dtype=np.int64)
+
+    async def main() -> None:
+        first = await worker.generate_segment(SegmentRequest("g", prompt, 5, temperature=0.0, draft=True))
+        assert first.probs is None and len(first.tokens) == 5  # greedy drafts need no distributions
+        for accepted in (2, 0, 5):
+            context = np.concatenate([prompt, first.tokens[:accepted], [11]])  # the cloud's token after them
+            resumed = await worker.generate_segment(SegmentRequest("g", context, 3, temperature=0.0, draft=True))
+            fresh = await worker.generate_segment(SegmentRequest(f"f{accepted}", context, 3, temperature=0.0))
+            assert resumed.reused_state and not fresh.reused_state
+            assert resumed.tokens == fresh.tokens
+            np.testing.assert_allclose(resumed.logprobs, fresh.logprobs, atol=1e-5)
+            first = await worker.generate_segment(SegmentRequest("g", prompt, 5, temperature=0.0, draft=True))
+        sampled = await worker.generate_segment(SegmentRequest("s", prompt, 4, temperature=0.8, top_k=20, seed=1,
+                                                               draft=True))
+        assert sampled.probs.shape == (4, 97)
+        np.testing.assert_allclose(sampled.probs.sum(-1), 1.0, atol=1e-5)
+        assert ((sampled.probs > 0).sum(-1) <= 20).all()
+        assert (sampled.probs[np.arange(4), sampled.tokens] > 0).all()  # each token drawn from its row
+
+    asyncio.run(main())

@@ -2,7 +2,7 @@
 # GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation),
-# eval (the shipped checkpoints), cloud (serving benchmark).
+# eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -74,6 +74,11 @@ for phase in "$@"; do
         python3 -m matmamba.eval --checkpoint "checkpoints/$ckpt" --out "runs/eval-$ckpt" > "$OUT/eval-$ckpt.log" 2>&1
         cp "runs/eval-$ckpt/eval.json" "$OUT/eval-$ckpt.json"
       done ;;
+    router)  # the edge worker as a GPU Ray actor: needs .raywhl carried (python -m bench.ray_wheel)
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu_router.py 2>&1
+        python3 -m bench.router_overhead --device cuda --out "$OUT/router_overhead_gpu.json" 2>&1 | tail -6
+      } | tee "$OUT/router_gpu.log" ;;
     cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

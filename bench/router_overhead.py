@@ -2,6 +2,7 @@
 
     python -m bench.router_overhead --out runs/router_overhead.json            # ~1 min on a 2-core CPU
     python -m bench.router_overhead --requests 100 --max-wait-ms 0             # quicker
+    python -m bench.router_overhead --device cuda                              # GPU edge worker (needs Ray)
 
 For each ``--max-wait-ms`` value (default: 0 and the router's default 2):
 
@@ -49,14 +50,18 @@ GOAL_MS = 2.0
 
 
 def machine() -> dict[str, object]:
-    """Platform, CPU model and core count of this machine."""
+    """Platform, CPU model, core count and GPU (None without CUDA) of this machine."""
     cpu = platform.processor() or ""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "gpu": gpu}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -79,7 +84,7 @@ def start_router(args: argparse.Namespace, max_wait_ms: float, thresholds: Path,
     cmd = [sys.executable, "-m", "router", "--checkpoint", str(args.checkpoint), "--edge-level", str(args.level),
            "--cloud", f"127.0.0.1:{free_port()}", "--port", str(port), "--metrics-port", "-1",
            "--thresholds", str(thresholds), "--max-wait-ms", str(max_wait_ms), "--edge-cpus", str(args.threads),
-           "--log-level", "WARNING"]
+           "--edge-gpus", "1" if args.device == "cuda" else "0", "--log-level", "WARNING"]
     with open(log_file, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
@@ -122,7 +127,7 @@ def direct_compute(args: argparse.Namespace, images: np.ndarray, n: int, warmup:
     """The edge worker's own compute time (ms) for the same one-image inputs, in this process."""
     from edge.worker import EdgeWorker
 
-    worker = EdgeWorker(args.checkpoint, args.level, num_threads=args.threads)
+    worker = EdgeWorker(args.checkpoint, args.level, device=args.device, num_threads=args.threads)
     times = []
     for i in range(warmup + n):
         start = time.perf_counter()
@@ -140,7 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     thresholds = tmp / "never-escalate.json"
     thresholds.write_text(json.dumps({"measure": "max_softmax", "threshold": 0.0, "version": "bench"}))
     compute = direct_compute(args, images, args.requests, args.warmup)
-    results: dict[str, object] = {"machine": machine(), "checkpoint": str(args.checkpoint), "edge_level": args.level,
+    results: dict[str, object] = {"machine": machine(), "device": args.device, "checkpoint": str(args.checkpoint),
+                                  "edge_level": args.level,
                                   "torch_threads": args.threads, "requests": args.requests,
                                   "edge_compute_ms": percentiles(compute), "runs": []}
     for max_wait in args.max_wait_ms:
@@ -160,7 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 def table(results: dict[str, object]) -> str:
     m = results["machine"]
     compute = results["edge_compute_ms"]
-    lines = [f"machine: {m['cpu']} ({m['cores']} cores), {m['platform']}; torch threads {results['torch_threads']}",
+    lines = [f"machine: {m['cpu']} ({m['cores']} cores), {m['platform']}; torch threads {results['torch_threads']}; "
+             f"edge device {m.get('gpu') or results.get('device', 'cpu')}",
              f"edge compute alone (EdgeWorker.classify_batch, 1 image): p50 {compute['p50']:.2f} ms, "
              f"p99 {compute['p99']:.2f} ms",
              f"{'max wait':>9} | {'client p50':>10} | {'client p99':>10} | {'edge_ms p50':>11} | "
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=int, default=4, help="edge level (default %(default)s)")
     p.add_argument("--requests", type=int, default=300, help="measured requests per run (default %(default)s)")
     p.add_argument("--warmup", type=int, default=30, help="unmeasured requests first (default %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the edge worker runs; cuda gives the router --edge-gpus 1 (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the edge worker (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, nargs="+", default=[0.0, 2.0],
                    help="router --max-wait-ms values to run (default %(default)s)")

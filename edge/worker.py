@@ -231,7 +231,7 @@ class EdgeWorker:
             return False
         session.checkpoints.clear()
         if start < context.size:
-            rest = torch.from_numpy(np.ascontiguousarray(context[start:]))[None].to(self.device)  # (1, n)
+            rest = torch.from_numpy(np.array(context[start:]))[None].to(self.device)  # (1, n)
             with self._autocast():
                 session.logits = self.model(rest, cache=session.cache)[:, -1]  # (1, V)
         session.ids = context

@@ -16,14 +16,23 @@ from .nesting import NestedDims, nested_dims, nested_ranges, take
 
 @dataclass
 class StateTrace:
-    """The states a block passed through while it read one chunk (``forward(..., keep_states=True)``)."""
+    """What a block read in one chunk (``forward(..., keep_states=True)``), enough to rewind inside it.
+
+    A few KB per layer for a chunk of drafted tokens: the chunk's scan inputs and the states before it,
+    not a state per position; ``BlockState.rewind`` computes the one state it needs.
+    """
 
     conv_window: torch.Tensor  # (batch, conv_dim, d_conv + L): the conv state before the chunk, then its L inputs
-    ssm: torch.Tensor  # (batch, L, nheads, headdim, d_state) fp32: the SSM state after each position
+    ssm_before: torch.Tensor  # (batch, nheads, headdim, d_state) fp32: the SSM state before the chunk
+    x: torch.Tensor  # (batch, L, nheads, headdim): the scan's inputs
+    dt: torch.Tensor  # (batch, L, nheads), raw (before dt_bias and softplus)
+    B: torch.Tensor  # (batch, L, ngroups, d_state)
+    A: torch.Tensor  # (nheads,)
+    dt_bias: torch.Tensor  # (nheads,)
 
     @property
     def length(self) -> int:
-        return self.ssm.shape[1]
+        return self.x.shape[1]
 
 
 @dataclass
@@ -55,9 +64,12 @@ class BlockState:
         if not 1 <= keep <= trace.length:
             raise ValueError(f"keep must be in 1..{trace.length} (the traced chunk's length), got {keep}")
         d_conv = self.conv.shape[-1]
-        self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])
-        self.ssm.copy_(trace.ssm[:, keep - 1])
         self.trace = None
+        if keep == trace.length:  # the state is already at the end of the chunk
+            return
+        self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])
+        self.ssm.copy_(kernels.ssd_state_after(trace.x, trace.dt, trace.A, trace.B, trace.dt_bias, trace.ssm_before,
+                                               keep))
 
 
 @dataclass(frozen=True)
@@ -224,11 +236,12 @@ class MatMamba2(nn.Module):
             state.conv.copy_(window[:, :, -d.d_conv:])
         xbc = kernels.causal_conv(xbc, s.conv_w, s.conv_b, history)
         x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
-        x, B = x.unflatten(-1, (d.nheads, d.headdim)), B.unflatten(-1, (d.ngroups, d.d_state))  # (B, L, h, p), (B, L, g, n)
+        x = x.unflatten(-1, (d.nheads, d.headdim))  # (B, L, h, p)
+        B = B.unflatten(-1, (d.ngroups, d.d_state))  # (B, L, g, n)
         y, final = kernels.ssd_scan(x, dt, s.A, B, C.unflatten(-1, (d.ngroups, d.d_state)), s.D, s.dt_bias,
                                     self.config.chunk_size, initial_states=initial)
         if state is not None:
-            trace = StateTrace(window, kernels.ssd_states(x, dt, s.A, B, s.dt_bias, initial)) if keep_states else None
+            trace = StateTrace(window, initial.clone(), x, dt, B, s.A, s.dt_bias) if keep_states else None
             state.ssm.copy_(final)
             state.trace = trace
         y = kernels.gated_rmsnorm(y.flatten(-2), z, s.norm_w, self.config.norm_eps, d.ngroups,

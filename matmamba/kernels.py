@@ -193,23 +193,22 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states)
 
 
-def ssd_states(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor,
-               initial_states: torch.Tensor) -> torch.Tensor:
-    """The SSM state after every position of a short chunk (speculative verification keeps them to roll back).
+def ssd_state_after(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor,
+                    initial_states: torch.Tensor, keep: int) -> torch.Tensor:
+    """The SSM state after the first ``keep`` positions of a chunk read from ``initial_states``.
 
     x: (b, l, h, p); dt: (b, l, h) raw; A, dt_bias: (h,); B: (b, l, g, n); initial_states: (b, h, p, n).
-    Returns (b, l, h, p, n) fp32: entry t is the state after positions 0..t, the recurrence of `ssd_step`
-    in closed form: S_t = e^{a_t} S_0 + sum_{s<=t} e^{a_t - a_s} dt_s x_s B_s^T with a_t = sum_{r<=t} dt_r A.
-    Memory is l times one state, so it is meant for chunks of tens of tokens, on CPU and CUDA alike.
+    Returns (b, h, p, n) fp32: the recurrence of `ssd_step` in closed form,
+    S_t = e^{a_t} S_0 + sum_{s<=t} e^{a_t - a_s} dt_s x_s B_s^T with a_t = sum_{r<=t} dt_r A, for t = keep - 1.
+    Costs one pass over the kept positions: speculative verification calls it once, for the accepted prefix.
     """
-    h, length = x.shape[2], x.shape[1]
-    dt = F.softplus(dt.float() + dt_bias.float())  # (b, l, h)
-    a_cum = torch.cumsum(dt * A.float(), dim=1)  # (b, l, h)
-    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    decay = (a_cum.unsqueeze(2) - a_cum.unsqueeze(1)).masked_fill(~causal[..., None], float("-inf")).exp()  # (b, t, s, h)
-    B = B.float().repeat_interleave(h // B.shape[2], dim=2)  # (b, l, h, n)
-    inputs = torch.einsum("btsh,bsh,bshp,bshn->bthpn", decay, dt, x.float(), B)
-    return inputs + a_cum.exp()[..., None, None] * initial_states.float().unsqueeze(1)
+    h = x.shape[2]
+    x, B = x[:, :keep].float(), B[:, :keep].float().repeat_interleave(h // B.shape[2], dim=2)  # (b, t, h, p|n)
+    dt = F.softplus(dt[:, :keep].float() + dt_bias.float())  # (b, t, h)
+    a_cum = torch.cumsum(dt * A.float(), dim=1)  # (b, t, h)
+    weight = (a_cum[:, -1:] - a_cum).exp() * dt  # (b, t, h): e^{a_last - a_s} dt_s
+    inputs = torch.einsum("bsh,bshp,bshn->bhpn", weight, x, B)
+    return inputs + a_cum[:, -1].exp()[..., None, None] * initial_states.float()
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -18,7 +18,7 @@ from cloud.runner import ModelRunner
 from cloud.speculative import Verifier, accept_drafts
 from matmamba import MatMambaLM, load_model
 from matmamba.generation import SamplingParams, sample_next, sampling_probs
-from matmamba.kernels import ssd_states
+from matmamba.kernels import ssd_state_after
 from proto.validate import GenerateInputs
 
 from .conftest import small_lm
@@ -53,7 +53,7 @@ def test_rewind_equals_reading_only_the_kept_tokens(level: int, keep: int) -> No
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_ssd_states_follow_the_recurrence_and_end_at_the_scan_state() -> None:
+def test_state_after_a_prefix_follows_the_recurrence_and_ends_at_the_scan_state() -> None:
     model = small_lm(seed=2, n_layer=1)
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -61,12 +61,12 @@ def test_ssd_states_follow_the_recurrence_and_end_at_the_scan_state() -> None:
         model(ids[:, :3], cache=cache)
         stepped = cache.clone()
         model(ids[:, 3:], cache=cache, keep_states=True)
-        trace = cache.states[0].trace
-        for t in range(4):
-            model.step(ids[:, 3 + t], stepped)
-            torch.testing.assert_close(trace.ssm[:, t], stepped.states[0].ssm, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(trace.ssm[:, -1], cache.states[0].ssm, atol=1e-5, rtol=1e-4)
-    assert ssd_states.__doc__  # the closed form is documented where it lives
+        t = cache.states[0].trace
+        for keep in range(1, 5):
+            model.step(ids[:, 2 + keep], stepped)
+            state = ssd_state_after(t.x, t.dt, t.A, t.B, t.dt_bias, t.ssm_before, keep)
+            torch.testing.assert_close(state, stepped.states[0].ssm, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state, cache.states[0].ssm, atol=1e-5, rtol=1e-4)
 
 
 def test_rewind_needs_a_traced_chunk() -> None:

@@ -192,9 +192,37 @@ def environment(device: str) -> dict[str, str]:
             "python": platform.python_version(), "cpus": str(os.cpu_count()), "host": platform.node()}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rich.progress import Progress
+class _Bar:
+    """A rich progress bar, or a log line per configuration where rich is not installed (the GPU device)."""
 
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            self._progress = None
+        else:
+            self._progress = Progress()
+
+    def __enter__(self) -> _Bar:
+        if self._progress is not None:
+            self._progress.__enter__()
+            self._task = self._progress.add_task("generations", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._progress is not None:
+            self._progress.advance(self._task)
+        else:
+            log.warning("generation %d of %d", self.done, self.total)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.faultproxy import FaultProxy
     from matmamba.data.tokenizer import load_tokenizer
     from router.ray_setup import init_ray
@@ -223,9 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             generate(address, prompts[0], plan.tokens, width=d_model // level)
         generate(proxy.address, prompts[0], plan.tokens)
         total = len(plan.rtts_ms) * (1 + len(plan.levels)) * len(prompts)
-        with Progress() as bar:
-            task = bar.add_task("generations", total=total)
-            step = lambda: bar.advance(task)
+        with _Bar(total) as bar:
+            step = bar.advance
             for rtt in plan.rtts_ms:
                 proxy.set_delay(up_ms=rtt / 2, down_ms=rtt / 2)
                 base = measure("cloud-only", proxy.address, cloud, prompts, plan, ("Generate",), None, step)
@@ -269,7 +296,11 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -283,7 +314,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
              title="throughput of one generation")
     left.legend()
     first = [r for r in result["runs"] if r["rtt_ms"] == result["runs"][0]["rtt_ms"]]
-    right.bar([r["name"].replace("speculative ", "") for r in first], [r["cloud_ms_per_token"] for r in first])
+    bars = right.bar([r["name"].replace("speculative ", "") for r in first], [r["cloud_ms_per_token"] for r in first])
+    right.bar_label(bars, [f"{r['cloud_passes_per_token']:.2f} passes" for r in first], fontsize=8)
     right.set(ylabel="cloud compute ms per generated token", title=f"cloud cost (RTT {first[0]['rtt_ms']:g} ms)")
     fig.suptitle(result["environment"]["device"])
     fig.tight_layout()
@@ -303,12 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=int, default=Plan.draft_tokens, help="router --draft-tokens")
     p.add_argument("--deadline-ms", type=float, default=30000.0, help="router --deadline-ms (long: no degraded runs)")
     p.add_argument("--quick", action="store_true", help="2 prompts, 16 tokens, RTT 0 only")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and table of an existing --out")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "spec" / "spec_bench-cpu.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        result = json.loads(args.out.read_text())
+        plot(result, args.out.with_suffix(".png"))
+        print(table(result))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.prompts > len(PROMPTS):
         raise SystemExit(f"--prompts: at most {len(PROMPTS)}")

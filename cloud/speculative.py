@@ -13,10 +13,14 @@ sequence except the last one, the *pending* token. One Verify:
    distribution at the first rejection, or from row k (a bonus token) when all k were accepted;
 3. rolls the state back to "after d_n" (``cache.rewind(n + 1)``) and makes x the new pending token.
 
-Rollback keeps the states of the verification pass (``keep_states``) rather than recomputing
-the accepted prefix: a Mamba state is small (here 6 layers x 32 heads x 16 x 64 floats, 0.8 MB), so
-k + 1 of them cost a few MB for one call, while recomputing would need a second forward pass on
-every round with a rejection, i.e. up to twice the cloud passes this feature exists to save.
+Rollback uses what the verification pass recorded (``keep_states``), not a second pass: per layer
+the scan's inputs for the chunk (x, dt, B: a few KB for k + 1 tokens), the conv window and the SSM
+state before the chunk. ``cache.rewind(n + 1)`` computes the one state it needs in closed form
+(``matmamba.kernels.ssd_state_after``, a single small einsum per layer) and cuts the conv window;
+with every draft accepted nothing is computed. Recomputing the accepted prefix instead would cost a
+second forward pass on every round with a rejection, i.e. up to twice the cloud passes this feature
+exists to save; storing the state after every position would cost k + 1 states per layer (0.8 MB
+each for the shipped LM) and their computation, of which only one is ever used.
 """
 
 from __future__ import annotations

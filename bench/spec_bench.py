@@ -31,6 +31,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -234,7 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d_model = json.loads((args.checkpoint / "config.json").read_text())["block"]["d_model"]
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    cloud = CloudProcess(args.checkpoint, args.device, args.precision, out_dir / f"{args.out.stem}-cloud.log")
+    cloud_log = Path(tempfile.mkdtemp(prefix="spec-bench-")) / "cloud.log"  # named in the error if it fails
+    cloud = CloudProcess(args.checkpoint, args.device, args.precision, cloud_log)
     proxy = FaultProxy(cloud.address).start()
     cuda = args.device.startswith("cuda")
     ray_info = init_ray(num_cpus=4, num_gpus=1 if cuda else 0)

@@ -113,8 +113,9 @@ class CloudSession:
     async def _open(self, context: Sequence[int], remaining: int) -> None:
         """OpenSession with the whole context on the least busy replica (another one after a retryable failure)."""
         i = self.inputs
+        seed = None if i.seed is None else i.seed + len(context)  # a reopened session gets a fresh random stream
         generation = pb.GenerateRequest(token_ids=pb.TokenIds(ids=context), max_tokens=remaining,
-                                        temperature=i.temperature, top_k=i.top_k, top_p=i.top_p, seed=i.seed,
+                                        temperature=i.temperature, top_k=i.top_k, top_p=i.top_p, seed=seed,
                                         request_id=self.request_id)
         tried: list[Replica] = []
         reason = "no healthy cloud replica serves this router's checkpoint"

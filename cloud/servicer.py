@@ -299,12 +299,15 @@ class SpeculativeServicer(pb_grpc.SpeculativeDecodingServicer):
             self._verifier = Verifier(runner)
         return runner, self._verifier
 
-    async def _run(self, method: str, fn: Callable, *args) -> object:
+    async def _run(self, method: str, fn: Callable, *args, on_done: Callable[[], None] | None = None) -> object:
+        """``fn(*args)`` in the verify thread. ``on_done`` runs when it has finished, even if the RPC was
+        cancelled meanwhile (the thread cannot be stopped, so a session stays busy until then)."""
         start = time.monotonic()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self.metrics.compute.labels(method=method).observe(time.monotonic() - start)
+        work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        work.add_done_callback(lambda _: self.metrics.compute.labels(method=method).observe(time.monotonic() - start))
+        if on_done is not None:
+            work.add_done_callback(lambda _: on_done())
+        return await asyncio.shield(work)
 
     @unary_rpc("OpenSession")
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionReply:
@@ -335,9 +338,11 @@ class SpeculativeServicer(pb_grpc.SpeculativeDecodingServicer):
         draft, draft_probs = parse_draft(request, session, runner.config.vocab_size, self.max_draft)
         session.busy = True
         try:
-            verdict = await self._run("Verify", verifier.verify, session, draft, draft_probs)
-        finally:
-            session.busy = False
+            verdict = await self._run("Verify", verifier.verify, session, draft, draft_probs,
+                                      on_done=lambda: setattr(session, "busy", False))
+        except Exception:  # its state may be half updated: never continue from it
+            self.sessions.close(request.session_id, "was dropped after its Verify failed on the server")
+            raise
         self.metrics.draft_tokens.labels(outcome="accepted").inc(verdict.accepted)
         self.metrics.draft_tokens.labels(outcome="rejected").inc(draft.size - verdict.accepted)
         request_id = check_request_id_or_new(request.request_id)

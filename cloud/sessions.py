@@ -92,12 +92,12 @@ class SessionTable(Generic[T]):
         self._open.move_to_end(sid)
         return entry[0]
 
-    def close(self, sid: str) -> bool:
-        """Drop ``sid``; True when it was open."""
+    def close(self, sid: str, why: str = "was closed (CloseSession)") -> bool:
+        """Drop ``sid``; True when it was open. ``why`` completes the NOT_FOUND message of later calls."""
         entry = self._open.pop(sid, None)
         if entry is None:
             return False
-        self._remember(sid, "was closed (CloseSession)")
+        self._remember(sid, why)
         return True
 
     def _remember(self, sid: str, why: str) -> None:

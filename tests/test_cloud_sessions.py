@@ -164,3 +164,21 @@ def test_vision_checkpoint_refuses_sessions(tmp_path: Path) -> None:
         _refused(lambda: Client(s).open([1]), grpc.StatusCode.FAILED_PRECONDITION, "needs a LM checkpoint")
     finally:
         s.close()
+
+
+def test_a_failed_verify_drops_its_session_and_the_server_keeps_serving(server: ServerThread,
+                                                                        client: Client) -> None:
+    model = server.runner.model
+    sid = client.open([1, 2, 3]).session_id
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device error")
+
+    model.forward = broken
+    try:
+        _refused(lambda: client.verify(sid, 3, [4]), grpc.StatusCode.INTERNAL, "Verify failed on the server")
+    finally:
+        del model.forward  # back to the class's forward
+    _refused(lambda: client.verify(sid, 3, [4]), grpc.StatusCode.NOT_FOUND, "dropped after its Verify failed")
+    fresh = client.open([1, 2, 3]).session_id
+    assert client.verify(fresh, 3, [4]).position in (4, 5)

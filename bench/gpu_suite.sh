@@ -82,7 +82,10 @@ for phase in "$@"; do
       } | tee "$OUT/router_gpu.log" ;;
     spec)  # speculative decoding across tiers (cloud process + router on Ray): needs .raywhl carried, as router
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
-      python3 -m bench.spec_bench --device cuda --out "$OUT/spec_bench-cuda.json" 2>&1 | tee "$OUT/spec_bench.log" ;;
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py 2>&1
+        # fp32: greedy identity is checked token for token (bf16 rounding differs between a step and a chunk)
+        python3 -m bench.spec_bench --device cuda --precision fp32 --out "$OUT/spec_bench-cuda.json" 2>&1
+      } | tee "$OUT/spec_bench.log" ;;
     cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

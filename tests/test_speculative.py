@@ -97,10 +97,11 @@ def speculate(verifier: Verifier, prompt: list[int], n: int, edge_width: int, k:
               params: SamplingParams = GREEDY, seed: int | None = None) -> tuple[list[int], int, int]:
     """Generate n tokens speculatively; returns (tokens, verification rounds, drafts accepted)."""
     model: MatMambaLM = verifier.runner.model
+    device = verifier.runner.device
     session, _ = verifier.open(_inputs(prompt, n + k + 1, params, seed, model.config.d_model))
     draft_cache = model.allocate_cache(1, widths=edge_width)
-    logits = model(torch.tensor([prompt]), cache=draft_cache)[:, -1]
-    gen = torch.Generator().manual_seed(seed + 1) if seed is not None else None
+    logits = model(torch.tensor([prompt], device=device), cache=draft_cache)[:, -1]
+    gen = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
     out: list[int] = []
     rounds = accepted = 0
     while len(out) < n:
@@ -111,13 +112,13 @@ def speculate(verifier: Verifier, prompt: list[int], n: int, edge_width: int, k:
             token = sample_next(logits, params, gen)
             drafts.append(int(token))
             logits = model.step(token, draft_cache)
-        q = torch.stack(probs).numpy() if not params.greedy else None
+        q = torch.stack(probs).cpu().numpy() if not params.greedy else None
         verdict = verifier.verify(session, np.asarray(drafts, dtype=np.int64), q)
         rounds, accepted = rounds + 1, accepted + verdict.accepted
         out += drafts[:verdict.accepted] + [verdict.next_token]
         if verdict.accepted < k:  # back to the state after the accepted drafts
             draft_cache.copy_(snapshots[verdict.accepted])
-        logits = model.step(torch.tensor([verdict.next_token]), draft_cache)
+        logits = model.step(torch.tensor([verdict.next_token], device=device), draft_cache)
     return out[:n], rounds, accepted
 
 
@@ -240,3 +241,38 @@ def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path) -> None:
         assert (sampled.probs[np.arange(4), sampled.tokens] > 0).all()  # each token drawn from its row
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ CUDA (run on the device: pytest -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [1, 4])
+def test_cuda_rewind_equals_reading_the_prefix_and_the_cpu(level: int) -> None:
+    """The Triton scan with a traced chunk, rewound, equals reading only the prefix (CUDA) and the CPU path."""
+    cpu_model = small_lm(seed=1, n_layer=2, d_model=128, headdim=8, d_state=32)
+    model = small_lm(seed=1, n_layer=2, d_model=128, headdim=8, d_state=32).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        results = []
+        for m, x in ((model, ids.cuda()), (cpu_model, ids)):
+            cache = m.allocate_cache(2, level)
+            m(x[:, :5], cache=cache)
+            m(x[:, 5:], cache=cache, keep_states=True)
+            cache.rewind(3)
+            ref = m.allocate_cache(2, level)
+            m(x[:, :8], cache=ref)
+            step_ours, step_ref = m.step(x[:, 8], cache), m.step(x[:, 8], ref)
+            torch.testing.assert_close(step_ours, step_ref, atol=1e-3, rtol=1e-3)
+            results.append(step_ours.cpu())
+    torch.testing.assert_close(results[0], results[1], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_speculative_output_equals_greedy_decoding() -> None:
+    model = load_model(LM, device=torch.device("cuda"))
+    verifier = Verifier(ModelRunner(model, torch.device("cuda"), precision="fp32"))
+    for i, prompt in enumerate(_prompts(model, 8)):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
+        got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 4, k=2 + i % 5)
+        assert got == ref, f"prompt {i}"

@@ -13,8 +13,10 @@ Classify and Score requests are grouped into micro-batches (edge/batching.py) an
 at a time on the worker's event loop thread. Besides Ray actor calls they are served on a private
 Unix-socket endpoint (edge/endpoint.py), the router's fast path on the same host. Generation runs
 one segment at a time on the same thread; the worker keeps each generation's recurrent state
-between segments, so a segment that continues the previous one costs only its own decode steps,
-and any other context is re-read in one pass.
+between segments, so a segment that continues the previous one costs only its own decode steps; a
+context that extends what it read is read from there, and a draft segment (speculative generation)
+keeps a checkpoint before each token, so a context keeping only some of its tokens resumes at the last
+kept one. Any other context is re-read in one pass.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def test_sampled_speculative_output_follows_the_full_model() -> None:
         second = torch.stack([model(torch.tensor([prompt + [t]]))[0, -1].softmax(-1) for t in range(8)])
         edge_first = model(torch.tensor([prompt]), widths=edge_width)[0, -1].softmax(-1)
     expected = (first[:, None] * second).flatten().numpy()  # P(t1, t2) under the full model
-    trials = 1500
+    trials = 1000
     counts = np.zeros(64)
     for seed in range(trials):
         out, _, _ = speculate(verifier, prompt, 2, edge_width, k=2, params=params, seed=seed)

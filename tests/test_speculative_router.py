@@ -24,12 +24,15 @@ from .test_cloud_server import ServerThread, _runner
 PROMPT = [4, 8, 15, 16]
 
 
-def test_draft_length_follows_the_acceptance_rate() -> None:
+def test_draft_length_follows_the_acceptance_probability() -> None:
     length = DraftLength(8)
-    assert length.k == 4  # before any round: acceptance 0.75 assumed
+    assert length.k == 5  # before any round: alpha = 0.6 assumed, 0.6^5 < 0.1
     for _ in range(20):
         length.update(4, 4)
-    assert length.k == 8  # everything accepted: the most allowed
+    assert length.alpha > 0.99 and length.k == 8  # nothing rejected: the most allowed
+    for _ in range(20):
+        length.update(6, 2)  # two accepted, then a rejection: alpha = 2/3, 0.67^6 < 0.1
+    assert abs(length.alpha - 2 / 3) < 0.01 and length.k == 6
     for _ in range(20):
         length.update(8, 0)
     assert length.k == 1  # nothing accepted: one draft per round

@@ -317,7 +317,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.legend()
     first = [r for r in result["runs"] if r["rtt_ms"] == result["runs"][0]["rtt_ms"]]
     bars = right.bar([r["name"].replace("speculative ", "") for r in first], [r["cloud_ms_per_token"] for r in first])
-    right.bar_label(bars, [f"{r['cloud_passes_per_token']:.2f} passes" for r in first], fontsize=8)
+    right.bar_label(bars, [f"{r['cloud_passes_per_token']:.2f} passes/token" for r in first], fontsize=8)
     right.set(ylabel="cloud compute ms per generated token", title=f"cloud cost (RTT {first[0]['rtt_ms']:g} ms)")
     fig.suptitle(result["environment"]["device"])
     fig.tight_layout()

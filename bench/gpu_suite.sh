@@ -2,7 +2,8 @@
 # GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation),
-# eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray).
+# eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
+# spec (speculative decoding across tiers, bench/spec_bench.py).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -79,6 +80,12 @@ for phase in "$@"; do
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu_router.py 2>&1
         python3 -m bench.router_overhead --device cuda --out "$OUT/router_overhead_gpu.json" 2>&1 | tail -6
       } | tee "$OUT/router_gpu.log" ;;
+    spec)  # speculative decoding across tiers (cloud process + router on Ray): needs .raywhl carried, as router
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py 2>&1
+        # fp32: greedy identity is checked token for token (bf16 rounding differs between a step and a chunk)
+        python3 -m bench.spec_bench --device cuda --precision fp32 --out "$OUT/spec_bench-cuda.json" 2>&1
+      } | tee "$OUT/spec_bench.log" ;;
     cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

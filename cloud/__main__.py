@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_tokens when a request leaves it 0 (default %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=DEFAULTS.max_seq_len,
                    help="longest Score sequence and prompt + max_tokens (default %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=DEFAULTS.max_sessions,
+                   help="speculative-decoding sessions held at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--session-ttl-s", type=float, default=DEFAULTS.session_ttl_s,
+                   help="seconds without a call after which a session is dropped (default %(default)s)")
+    p.add_argument("--max-draft-tokens", type=int, default=DEFAULTS.max_draft_tokens,
+                   help="most drafted tokens one Verify may carry (default %(default)s)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s,
                    help="seconds in-flight RPCs may drain on SIGTERM (default %(default)s)")
     add_server_security_flags(p)
@@ -61,7 +67,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         precision=args.precision, cpu_threads=args.cpu_threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_message_mb=args.max_message_mb,
         max_generate=args.max_generate, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
-        max_seq_len=args.max_seq_len, grace_s=args.grace, security=server_security_from_args(args),
+        max_seq_len=args.max_seq_len, grace_s=args.grace, max_sessions=args.max_sessions,
+        session_ttl_s=args.session_ttl_s, max_draft_tokens=args.max_draft_tokens,
+        security=server_security_from_args(args),
     )
 
 

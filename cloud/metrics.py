@@ -11,6 +11,8 @@ Names (all prefixed ``matmamba_cloud_``), with their labels:
 | ``queue_depth`` | gauge | method | requests waiting in the batch queue (or for a generation slot) |
 | ``inflight_requests`` | gauge | method | RPCs being handled (queued, computing or streaming) |
 | ``generated_tokens_total`` | counter | | tokens streamed by Generate |
+| ``sessions`` | gauge | | speculative-decoding sessions held (``--max-sessions`` at most) |
+| ``draft_tokens_total`` | counter | outcome | drafted tokens verified, ``accepted`` or ``rejected`` |
 | ``model`` | info | checkpoint, task, width, device, version | the served model |
 """
 
@@ -48,6 +50,9 @@ class CloudMetrics:
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for the model.", ["method"], registry=r)
         self.inflight = Gauge(f"{PREFIX}_inflight_requests", "RPCs being handled.", ["method"], registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens streamed by Generate.", registry=r)
+        self.sessions = Gauge(f"{PREFIX}_sessions", "Speculative-decoding sessions held.", registry=r)
+        self.draft_tokens = Counter(f"{PREFIX}_draft_tokens", "Drafted tokens verified, by outcome.", ["outcome"],
+                                    registry=r)
         self.model = Info(f"{PREFIX}_model", "The served model.", registry=r)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None

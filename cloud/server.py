@@ -29,7 +29,7 @@ from proto.security import ServerSecurity
 
 from .metrics import CloudMetrics
 from .runner import ModelRunner
-from .servicer import CloudServicer, add_to_server
+from .servicer import CloudServicer, SpeculativeServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,13 @@ class ServerConfig:
     max_seq_len: int = 2048  # longest Score sequence, and prompt + max_tokens
     grace_s: float = 10.0  # how long in-flight RPCs may drain on shutdown
     security: ServerSecurity = ServerSecurity()  # TLS / mutual TLS / bearer token (default: plaintext, none)
+    max_sessions: int = 256  # speculative-decoding sessions held at once (about 0.8 MB each for the shipped LM)
+    session_ttl_s: float = 60.0  # a session idle this long is dropped
+    max_draft_tokens: int = 32  # most drafted tokens one Verify may carry
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len"):
+        for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len",
+                     "max_sessions", "session_ttl_s", "max_draft_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.grace_s < 0:
@@ -96,6 +100,8 @@ class CloudServer:
         self.servicer = CloudServicer(self.metrics, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3,
                                       max_queue=config.max_queue, max_generate=config.max_generate,
                                       batch_executor=self._batch_executor)
+        self.speculative = SpeculativeServicer(self.servicer, max_sessions=config.max_sessions,
+                                               ttl_s=config.session_ttl_s, max_draft=config.max_draft_tokens)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None
@@ -116,6 +122,7 @@ class CloudServer:
         security = self.config.security
         self.server = grpc.aio.server(options=options, interceptors=security.interceptors())
         add_to_server(self.servicer, self.server)
+        add_to_server(self.speculative, self.server, "SpeculativeDecoding")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         target = _host_port(self.config.host, self.config.port)
         try:
@@ -163,6 +170,7 @@ class CloudServer:
         await self.servicer.batcher.stop()
         if self.servicer.generation is not None:
             self.servicer.generation.shutdown()
+        self.speculative.shutdown()
         self._batch_executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         log.info("stopped")

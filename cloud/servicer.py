@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 import grpc
@@ -25,12 +26,21 @@ from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 from proto.handlers import MalformedRequest, add_servicer
 from proto.tensors import to_tensor_msg
-from proto.validate import RequestError, validate_classify, validate_generate, validate_score
+from proto.validate import (
+    RequestError,
+    check_request_id,
+    require_task,
+    validate_classify,
+    validate_generate,
+    validate_score,
+)
 
 from .batcher import BatchKey, BatchResult, DynamicBatcher
 from .generation import GenerationPool, IncrementalDecoder
 from .metrics import CloudMetrics
 from .runner import ModelRunner
+from .sessions import SessionTable
+from .speculative import Session, Verifier, parse_draft
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +50,10 @@ MEAN_TOKEN_LOGPROB = "mean_token_logprob"
 REQUEST_ID_CHARS = 16
 
 
-def add_to_server(servicer: pb_grpc.InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer``; unparsable requests reach it as MalformedRequest, which it answers INVALID_ARGUMENT."""
-    add_servicer("Inference", servicer, server, refuse_malformed=False)
+def add_to_server(servicer: object, server: grpc.aio.Server, service_name: str = "Inference") -> None:
+    """Register ``servicer`` for ``service_name``; unparsable requests reach it as MalformedRequest, which it
+    answers INVALID_ARGUMENT."""
+    add_servicer(service_name, servicer, server, refuse_malformed=False)
 
 
 def _check_parsed(request: object) -> None:
@@ -232,6 +243,91 @@ class CloudServicer(pb_grpc.InferenceServicer):
     @unary_rpc("ModelInfo")
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoReply:
         return model_info(self._ready())
+
+
+class SpeculativeServicer(pb_grpc.SpeculativeDecodingServicer):
+    """OpenSession / Verify / CloseSession (cloud/speculative.py), on the model of ``cloud``.
+
+    Model work runs in one dedicated thread, one round at a time, besides the batch thread.
+    """
+
+    def __init__(self, cloud: CloudServicer, *, max_sessions: int, ttl_s: float, max_draft: int) -> None:
+        self.cloud, self.metrics, self.max_draft = cloud, cloud.metrics, max_draft
+        self.sessions: SessionTable[Session] = SessionTable(max_sessions, ttl_s)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cloud-verify")
+        self._verifier: Verifier | None = None
+        self.metrics.sessions.set_function(lambda: len(self.sessions))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _ready(self) -> tuple[ModelRunner, Verifier]:
+        runner = self.cloud._ready()
+        require_task(runner.limits, pb.LM, "speculative decoding")
+        if self._verifier is None or self._verifier.runner is not runner:
+            self._verifier = Verifier(runner)
+        return runner, self._verifier
+
+    async def _run(self, method: str, fn: Callable, *args, on_done: Callable[[], None] | None = None) -> object:
+        """``fn(*args)`` in the verify thread. ``on_done`` runs when it has finished, even if the RPC was
+        cancelled meanwhile (the thread cannot be stopped, so a session stays busy until then)."""
+        start = time.monotonic()
+        work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        work.add_done_callback(lambda _: self.metrics.compute.labels(method=method).observe(time.monotonic() - start))
+        if on_done is not None:
+            work.add_done_callback(lambda _: on_done())
+        return await asyncio.shield(work)
+
+    @unary_rpc("OpenSession")
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionReply:
+        start = time.monotonic()
+        runner, verifier = self._ready()
+        encode = runner.tokenizer.encode if runner.tokenizer is not None else None
+        inputs = validate_generate(request.generation, runner.limits, encode)
+        request_id = inputs.request_id or uuid.uuid4().hex[:REQUEST_ID_CHARS]
+        self.sessions.require_room()  # before any compute
+        session, compute_ms = await self._run("OpenSession", verifier.open, inputs)
+        sid = self.sessions.add(session)
+        served = self.cloud._served_by(request_id, inputs.width, 1, start, 0.0, "")
+        return pb.OpenSessionReply(session_id=sid, position=session.position, ttl_s=self.sessions.ttl_s,
+                                   compute_ms=compute_ms, served_by=served)
+
+    @unary_rpc("Verify")
+    async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
+        start = time.monotonic()
+        runner, verifier = self._ready()
+        session = self.sessions.get(request.session_id)
+        if session.busy:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "another Verify of this session is running; send one round at a time")
+        if request.position != session.position:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the session holds {session.position} tokens but the request assumes "
+                               f"{request.position} (a lost or repeated Verify); open a new session with the context")
+        draft, draft_probs = parse_draft(request, session, runner.config.vocab_size, self.max_draft)
+        session.busy = True
+        try:
+            verdict = await self._run("Verify", verifier.verify, session, draft, draft_probs,
+                                      on_done=lambda: setattr(session, "busy", False))
+        except Exception:  # its state may be half updated: never continue from it
+            self.sessions.close(request.session_id, "was dropped after its Verify failed on the server")
+            raise
+        self.metrics.draft_tokens.labels(outcome="accepted").inc(verdict.accepted)
+        self.metrics.draft_tokens.labels(outcome="rejected").inc(draft.size - verdict.accepted)
+        request_id = check_request_id_or_new(request.request_id)
+        served = self.cloud._served_by(request_id, session.width, 1, start, 0.0, "")
+        served.draft_tokens, served.accepted_tokens = draft.size, verdict.accepted
+        return pb.VerifyReply(accepted=verdict.accepted, next_token_id=verdict.next_token, logprobs=verdict.logprobs,
+                              position=session.position, compute_ms=verdict.compute_ms, served_by=served)
+
+    @unary_rpc("CloseSession")
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionReply:
+        return pb.CloseSessionReply(closed=self.sessions.close(request.session_id))
+
+
+def check_request_id_or_new(request_id: str) -> str:
+    """The caller's request id (validated), or a fresh one."""
+    return check_request_id(request_id) or uuid.uuid4().hex[:REQUEST_ID_CHARS]
 
 
 def model_info(runner: ModelRunner) -> pb.ModelInfoReply:

@@ -75,6 +75,10 @@ class SegmentRequest:
     seed: int | None = None
     width: int = 0  # 0 = the edge width
     stop_at_eos: bool = True
+    # Speculative drafting: return each token's sampling distribution (SegmentOutput.probs) and keep a
+    # checkpoint of the state before each token, so that a next context keeping only some of these
+    # tokens (the ones the cloud accepted, then its own) continues from there instead of re-reading.
+    draft: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,6 @@ class SegmentOutput:
     eos: bool  # the segment ends with the end-of-sequence token
     compute_ms: float
     reused_state: bool = False  # True when the worker continued its cached state instead of re-reading the context
+    # draft requests that sample: the distribution each token was drawn from (after temperature, top-k,
+    # top-p), (len(tokens), vocab_size) float32; None otherwise (greedy drafts need none)
+    probs: np.ndarray | None = None

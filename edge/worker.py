@@ -13,8 +13,10 @@ Classify and Score requests are grouped into micro-batches (edge/batching.py) an
 at a time on the worker's event loop thread. Besides Ray actor calls they are served on a private
 Unix-socket endpoint (edge/endpoint.py), the router's fast path on the same host. Generation runs
 one segment at a time on the same thread; the worker keeps each generation's recurrent state
-between segments, so a segment that continues the previous one costs only its own decode steps,
-and any other context is re-read in one pass.
+between segments, so a segment that continues the previous one costs only its own decode steps; a
+context that extends what it read is read from there, and a draft segment (speculative generation)
+keeps a checkpoint before each token, so a context keeping only some of its tokens resumes at the last
+kept one. Any other context is re-read in one pass.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from matmamba.backbone import InferenceCache
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
 from matmamba.flops import flops_per_item
-from matmamba.generation import SamplingParams, sample_next
+from matmamba.generation import SamplingParams, sample_next, sampling_probs
 
 from .batching import MicroBatcher
 from .endpoint import WorkerEndpoint
@@ -62,6 +64,8 @@ class _Session:
     cache: InferenceCache
     logits: torch.Tensor  # (1, V)
     generator: torch.Generator | None
+    # draft segments: position p -> (cache, logits) after reading ids[:p], for each token of the last segment
+    checkpoints: dict[int, tuple[InferenceCache, torch.Tensor]] = field(default_factory=dict)
 
 
 class EdgeWorker:
@@ -216,10 +220,33 @@ class EdgeWorker:
 
     # ------------------------------------------------------------------ generation
 
+    def _resume(self, session: _Session, context: np.ndarray) -> bool:
+        """Bring ``session`` to ``context`` when they share a prefix it can start from: everything it has read,
+        or the position of one of its checkpoints; the rest of the context is read in one pass."""
+        ids, start = session.ids, None
+        if context.size >= ids.size and np.array_equal(context[:ids.size], ids):
+            start = ids.size
+        else:
+            for pos in sorted(session.checkpoints, reverse=True):
+                if pos <= context.size and np.array_equal(context[:pos], ids[:pos]):
+                    cache, logits = session.checkpoints[pos]
+                    session.cache.copy_(cache)
+                    session.logits, start = logits, pos
+                    break
+        if start is None:
+            return False
+        session.checkpoints.clear()
+        if start < context.size:
+            rest = torch.from_numpy(np.array(context[start:]))[None].to(self.device)  # (1, n)
+            with self._autocast():
+                session.logits = self.model(rest, cache=session.cache)[:, -1]  # (1, V)
+        session.ids = context
+        return True
+
     def _session_for(self, request: SegmentRequest) -> tuple[_Session, bool]:
-        """The session continuing exactly ``request.context``, or a new one that read it in one pass."""
+        """The session continuing ``request.context`` (see _resume), or a new one that read it in one pass."""
         session = self._sessions.get(request.session)
-        if session is not None and np.array_equal(session.ids, request.context):
+        if session is not None and self._resume(session, np.asarray(request.context, dtype=np.int64)):
             return session, True
         ids = torch.from_numpy(np.array(request.context, dtype=np.int64))[None].to(self.device)  # (1, L), a copy
         cache = self.model.allocate_cache(1, widths=self._width(request.width))
@@ -243,7 +270,12 @@ class EdgeWorker:
         eos_id = self._info.eos_id if request.stop_at_eos and self._info.eos_id >= 0 else None
         tokens: list[int] = []
         logprobs: list[float] = []
+        probs: list[torch.Tensor] = []
         for _ in range(request.max_new):
+            if request.draft:
+                session.checkpoints[session.ids.size + len(tokens)] = (session.cache.clone(), session.logits)
+                if not params.greedy:
+                    probs.append(sampling_probs(session.logits, params)[0])
             token = sample_next(session.logits, params, session.generator)  # (1,)
             tokens.append(int(token[0]))
             logprobs.append(float(F.log_softmax(session.logits.float(), -1)[0, tokens[-1]]))
@@ -255,4 +287,5 @@ class EdgeWorker:
         session.ids = np.concatenate([session.ids, np.asarray(tokens, dtype=np.int64)])
         if eos:
             self.end_session(request.session)
-        return SegmentOutput(tokens, logprobs, eos, (time.perf_counter() - start) * 1e3, reused)
+        drawn = torch.stack(probs).cpu().numpy() if probs else None  # (n, V)
+        return SegmentOutput(tokens, logprobs, eos, (time.perf_counter() - start) * 1e3, reused, drawn)

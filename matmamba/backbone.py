@@ -23,8 +23,9 @@ class ResidualBlock(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.block.norm_eps)
         self.mixer = MatMamba2(config=config.block, max_width=max_width)
 
-    def forward(self, h: torch.Tensor, width: int, state: BlockState | None = None) -> torch.Tensor:
-        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), width=width, state=state)
+    def forward(self, h: torch.Tensor, width: int, state: BlockState | None = None,
+                keep_states: bool = False) -> torch.Tensor:
+        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), width=width, state=state, keep_states=keep_states)
         return h + out.to(h.dtype)
 
     def step(self, h: torch.Tensor, state: BlockState) -> torch.Tensor:
@@ -42,6 +43,29 @@ class InferenceCache:
     @property
     def batch_size(self) -> int:
         return self.states[0].ssm.shape[0]
+
+    def clone(self) -> InferenceCache:
+        """An independent copy (a checkpoint to return to with ``copy_``)."""
+        return InferenceCache([s.clone() for s in self.states], self.widths, self.seqlen)
+
+    def copy_(self, other: InferenceCache) -> None:
+        """Overwrite this cache with ``other`` (a checkpoint of it from ``clone``)."""
+        if other.widths != self.widths:
+            raise ValueError(f"cannot copy a cache of widths {other.widths} into one of widths {self.widths}")
+        for mine, theirs in zip(self.states, other.states):
+            mine.copy_(theirs)
+        self.seqlen = other.seqlen
+
+    def rewind(self, keep: int) -> None:
+        """Return to the state after the first ``keep`` tokens of the last ``forward(..., keep_states=True)``.
+
+        E.g. after reading 9 tokens with keep_states, ``rewind(3)`` leaves the cache as if only the
+        first 3 of them had been read. The recorded states are dropped, so rewind once per chunk.
+        """
+        length = self.states[0].trace.length if self.states[0].trace is not None else 0
+        for state in self.states:
+            state.rewind(keep)
+        self.seqlen -= length - keep
 
 
 class NestedStack(nn.Module):
@@ -66,13 +90,14 @@ class NestedStack(nn.Module):
         states = [layer.mixer.allocate_state(batch, w, device, dtype) for layer, w in zip(self.layers, widths)]
         return InferenceCache(states=states, widths=widths)
 
-    def forward(self, h: torch.Tensor, widths: tuple[int, ...], cache: InferenceCache | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, widths: tuple[int, ...], cache: InferenceCache | None = None,
+                keep_states: bool = False) -> torch.Tensor:
         if cache is not None and cache.widths != widths:
             raise ValueError(f"cache was allocated for widths {cache.widths}, the call uses {widths}")
         if self.config.residual_in_fp32:
             h = h.float()
         for i, layer in enumerate(self.layers):
-            h = layer(h, widths[i], None if cache is None else cache.states[i])
+            h = layer(h, widths[i], None if cache is None else cache.states[i], keep_states)
         if cache is not None:
             cache.seqlen += h.shape[1]
         return h

@@ -15,12 +15,61 @@ from .nesting import NestedDims, nested_dims, nested_ranges, take
 
 
 @dataclass
+class StateTrace:
+    """What a block read in one chunk (``forward(..., keep_states=True)``), enough to rewind inside it.
+
+    A few KB per layer for a chunk of drafted tokens: the chunk's scan inputs and the states before it,
+    not a state per position; ``BlockState.rewind`` computes the one state it needs.
+    """
+
+    conv_window: torch.Tensor  # (batch, conv_dim, d_conv + L): the conv state before the chunk, then its L inputs
+    ssm_before: torch.Tensor  # (batch, nheads, headdim, d_state) fp32: the SSM state before the chunk
+    x: torch.Tensor  # (batch, L, nheads, headdim): the scan's inputs
+    dt: torch.Tensor  # (batch, L, nheads), raw (before dt_bias and softplus)
+    B: torch.Tensor  # (batch, L, ngroups, d_state)
+    A: torch.Tensor  # (nheads,)
+    dt_bias: torch.Tensor  # (nheads,)
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+
+@dataclass
 class BlockState:
     """Recurrent state of one block at one width (constant size per sequence)."""
 
     conv: torch.Tensor  # (batch, conv_dim, d_conv): the last d_conv pre-conv inputs
     ssm: torch.Tensor  # (batch, nheads, headdim, d_state), fp32
     width: int
+    trace: StateTrace | None = None  # set by forward(..., keep_states=True); consumed by rewind
+
+    def clone(self) -> BlockState:
+        """An independent copy (no trace)."""
+        return BlockState(self.conv.clone(), self.ssm.clone(), self.width)
+
+    def copy_(self, other: BlockState) -> None:
+        """Overwrite this state with ``other`` (same width and batch)."""
+        if other.width != self.width:
+            raise ValueError(f"cannot copy a width-{other.width} state into a width-{self.width} state")
+        self.conv.copy_(other.conv)
+        self.ssm.copy_(other.ssm)
+        self.trace = None
+
+    def rewind(self, keep: int) -> None:
+        """Go back to the state after the first ``keep`` (1..L) positions of the last traced chunk."""
+        trace = self.trace
+        if trace is None:
+            raise ValueError("rewind needs the trace of the last chunk: run forward(..., keep_states=True) first")
+        if not 1 <= keep <= trace.length:
+            raise ValueError(f"keep must be in 1..{trace.length} (the traced chunk's length), got {keep}")
+        d_conv = self.conv.shape[-1]
+        self.trace = None
+        if keep == trace.length:  # the state is already at the end of the chunk
+            return
+        self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])
+        self.ssm.copy_(kernels.ssd_state_after(trace.x, trace.dt, trace.A, trace.B, trace.dt_bias, trace.ssm_before,
+                                               keep))
 
 
 @dataclass(frozen=True)
@@ -159,11 +208,15 @@ class MatMamba2(nn.Module):
     # ------------------------------------------------------------ compute
 
     def forward(self, u: torch.Tensor, mrl_level: int | None = None, *, width: int | None = None,
-                state: BlockState | None = None) -> torch.Tensor:
+                state: BlockState | None = None, keep_states: bool = False) -> torch.Tensor:
         """u: (batch, length, d_model) -> (batch, length, d_model).
 
         With `state`, the sequence continues from it and it is updated to the end of u.
+        `keep_states` (with `state`) also records the state after every position in `state.trace`,
+        so that `state.rewind(t)` can return to the state after the first t positions.
         """
+        if keep_states and state is None:
+            raise ValueError("keep_states needs a state to continue from (allocate_state)")
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"expected input (batch, length, {self.d_model}), got {tuple(u.shape)}")
         width = self.resolve_width(mrl_level, width)
@@ -176,19 +229,21 @@ class MatMamba2(nn.Module):
             return self._fused(zxbcdt, s)
         z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
         history = None if state is None else state.conv[:, :, 1:].clone()
+        initial = None if state is None else state.ssm
+        window = None
         if state is not None:
-            tail = torch.cat([state.conv, xbc.transpose(1, 2).to(state.conv.dtype)], dim=-1)
-            state.conv.copy_(tail[:, :, -d.d_conv:])
+            window = torch.cat([state.conv, xbc.transpose(1, 2).to(state.conv.dtype)], dim=-1)  # (B, conv, d_conv+L)
+            state.conv.copy_(window[:, :, -d.d_conv:])
         xbc = kernels.causal_conv(xbc, s.conv_w, s.conv_b, history)
         x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
-        y, final = kernels.ssd_scan(
-            x.unflatten(-1, (d.nheads, d.headdim)),  # (B, L, h, p)
-            dt, s.A, B.unflatten(-1, (d.ngroups, d.d_state)), C.unflatten(-1, (d.ngroups, d.d_state)),
-            s.D, s.dt_bias, self.config.chunk_size,
-            initial_states=None if state is None else state.ssm,
-        )
+        x = x.unflatten(-1, (d.nheads, d.headdim))  # (B, L, h, p)
+        B = B.unflatten(-1, (d.ngroups, d.d_state))  # (B, L, g, n)
+        y, final = kernels.ssd_scan(x, dt, s.A, B, C.unflatten(-1, (d.ngroups, d.d_state)), s.D, s.dt_bias,
+                                    self.config.chunk_size, initial_states=initial)
         if state is not None:
+            trace = StateTrace(window, initial.clone(), x, dt, B, s.A, s.dt_bias) if keep_states else None
             state.ssm.copy_(final)
+            state.trace = trace
         y = kernels.gated_rmsnorm(y.flatten(-2), z, s.norm_w, self.config.norm_eps, d.ngroups,
                                   self.config.norm_before_gate)
         return F.linear(y, s.out_proj_w, s.out_proj_b)
@@ -204,6 +259,7 @@ class MatMamba2(nn.Module):
 
     def step(self, u: torch.Tensor, state: BlockState) -> torch.Tensor:
         """One token: u (batch, d_model) -> (batch, d_model); updates `state` in place."""
+        state.trace = None
         s = self.slices(state.width)
         d = s.dims
         zxbcdt = F.linear(u, s.in_proj_w, s.in_proj_b)  # (B, 2*di + d_bc + h)

@@ -42,10 +42,16 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample_next` draws from, fp32 (batch, vocab); greedy gives a one-hot row."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits, params).softmax(-1)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row. logits: (batch, vocab) -> (batch,) int64."""
     if params.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits, params).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(sampling_probs(logits, params), 1, generator=generator).squeeze(-1)

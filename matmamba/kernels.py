@@ -193,6 +193,24 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return ssd_chunked_torch(x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states)
 
 
+def ssd_state_after(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor,
+                    initial_states: torch.Tensor, keep: int) -> torch.Tensor:
+    """The SSM state after the first ``keep`` positions of a chunk read from ``initial_states``.
+
+    x: (b, l, h, p); dt: (b, l, h) raw; A, dt_bias: (h,); B: (b, l, g, n); initial_states: (b, h, p, n).
+    Returns (b, h, p, n) fp32: the recurrence of `ssd_step` in closed form,
+    S_t = e^{a_t} S_0 + sum_{s<=t} e^{a_t - a_s} dt_s x_s B_s^T with a_t = sum_{r<=t} dt_r A, for t = keep - 1.
+    Costs one pass over the kept positions: speculative verification calls it once, for the accepted prefix.
+    """
+    h = x.shape[2]
+    x, B = x[:, :keep].float(), B[:, :keep].float().repeat_interleave(h // B.shape[2], dim=2)  # (b, t, h, p|n)
+    dt = F.softplus(dt[:, :keep].float() + dt_bias.float())  # (b, t, h)
+    a_cum = torch.cumsum(dt * A.float(), dim=1)  # (b, t, h)
+    weight = (a_cum[:, -1:] - a_cum).exp() * dt  # (b, t, h): e^{a_last - a_s} dt_s
+    inputs = torch.einsum("bsh,bshp,bshn->bhpn", weight, x, B)
+    return inputs + a_cum[:, -1].exp()[..., None, None] * initial_states.float()
+
+
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """One recurrent step; updates state (b, h, p, n) in place.

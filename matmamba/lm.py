@@ -48,16 +48,21 @@ class MatMambaLM(PretrainedMixin, nn.Module):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got range {lo}..{hi}")
 
     def forward(self, input_ids: torch.Tensor, mrl_level: int | None = None, *, widths: WidthSpec | None = None,
-                cache: InferenceCache | None = None) -> torch.Tensor:
+                cache: InferenceCache | None = None, keep_states: bool = False) -> torch.Tensor:
         """input_ids: (batch, length) -> logits (batch, length, vocab_size).
 
         `mrl_level=k` runs every layer at d_model // k; `widths` gives one width per layer
         (Mix'n'Match). With `cache`, continues from and updates the recurrent state.
+        `keep_states` (with `cache`) also records the state after every position, so that
+        `cache.rewind(t)` returns to the state after the first t tokens of this call (speculative
+        verification reads k drafted tokens in one pass, then keeps only the accepted ones).
         """
         self._check_ids(input_ids)
+        if keep_states and cache is None:
+            raise ValueError("keep_states needs a cache to continue from (allocate_cache)")
         spec = cache.widths if cache is not None and widths is None and mrl_level is None else \
             self.backbone.resolve_widths(mrl_level, widths)
-        h = self.backbone(self.backbone.embedding(input_ids), spec, cache)
+        h = self.backbone(self.backbone.embedding(input_ids), spec, cache, keep_states)
         return self._head(h)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

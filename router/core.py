@@ -42,6 +42,8 @@ class RouterCore:
     segment_tokens: int = 8  # generation: tokens per edge segment judged as one
     chain: tuple[int, ...] = ()  # edge levels of a chain router, first stage first; () = one edge level
     traffic: Any = None  # router.shadow.TrafficTap when --traffic-log or --shadow-rate is set
+    generate_mode: str = "segment"  # Generate requests that name no mode: "segment" or "speculative"
+    draft_tokens: int = 8  # speculative generation: most tokens drafted per verification round
 
     def edge_stages(self, policy: Thresholds, requested_width: int, width: int) -> list[tuple[int, Stage]]:
         """(width, stage) of each edge stage an item runs through before the cloud.

@@ -1,4 +1,7 @@
-"""Generation split between the edge and the cloud, segment by segment.
+"""Generation split between the edge and the cloud, segment by segment (or speculatively).
+
+``GenerateRequest.mode`` (default: the router's ``--generate-mode``) picks how: ``segment``, below,
+or ``speculative``, where the edge drafts and the cloud verifies every token (router/speculative.py).
 
 The edge generates ``k`` tokens at a time (``--segment-tokens``, default 8). A segment whose
 confidence (the LM measure of the thresholds in force, e.g. its mean token log-probability) is
@@ -165,6 +168,14 @@ async def generate_chunks(core: RouterCore, request: pb.GenerateRequest) -> Asyn
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                            f"Generate needs an LM checkpoint; this router runs a {core.limits.task_name} checkpoint")
     inputs = validate_generate(request, core.limits, encode=_encoder(core))
-    generation = SegmentedGeneration(core, inputs, inputs.request_id or new_request_id())
+    speculative = request.mode == pb.SPECULATIVE or (request.mode == pb.GENERATE_MODE_DEFAULT
+                                                     and core.generate_mode == "speculative")
+    if speculative:
+        from .speculative import SpeculativeGeneration  # it builds on SegmentedGeneration
+
+        kind = SpeculativeGeneration
+    else:
+        kind = SegmentedGeneration
+    generation = kind(core, inputs, inputs.request_id or new_request_id())
     async for chunk in generation.chunks():
         yield chunk

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "matmamba.v1.Inference"
 CLOUD_HEALTH_SERVICE = f"{INFERENCE_SERVICE}/cloud"
+GENERATE_MODES = ("segment", "speculative")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -66,6 +67,8 @@ class RouterConfig:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     segment_tokens: int = 8
+    generate_mode: str = "segment"  # or "speculative" (router/speculative.py)
+    draft_tokens: int = 8  # speculative: most tokens drafted per round
     health_interval_ms: float = 1000.0
     thresholds_poll_ms: float = 1000.0  # how often the thresholds file is checked for changes; 0 = never
     breaker_failures: int = 3
@@ -88,11 +91,14 @@ class RouterConfig:
     cloud_security: ChannelSecurity = ChannelSecurity()  # how the router dials its cloud replicas
 
     def __post_init__(self) -> None:
-        for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len"):
+        for name in ("edge_level", "max_batch", "segment_tokens", "edge_cpus", "max_tokens", "max_seq_len",
+                     "draft_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.max_inflight < 0:
             raise ValueError("--max-wait-ms, --grace and --max-inflight must be >= 0")
+        if self.generate_mode not in GENERATE_MODES:
+            raise ValueError(f"--generate-mode must be one of {GENERATE_MODES}, got {self.generate_mode!r}")
         bad = [a for a in self.cloud if not a.rpartition(":")[0] or not a.rpartition(":")[2].isdigit()]
         if bad:
             raise ValueError(f"--cloud takes host:port addresses separated by commas; cannot read {bad}")
@@ -198,7 +204,8 @@ class RouterServer:
                             on_call=self.metrics.record_cloud_call)
         tokenizer = _tokenizer(cfg.checkpoint) if info.task == "lm" else None
         self.core = RouterCore(info, _limits(cfg, info), self.edge, cloud, store, self.metrics, tokenizer,
-                               cfg.segment_tokens, cfg.chain)
+                               cfg.segment_tokens, chain=cfg.chain, generate_mode=cfg.generate_mode,
+                               draft_tokens=cfg.draft_tokens)
         self.core.traffic = self._traffic_tap(info, cloud)
         await cloud.start()
         self._bind()

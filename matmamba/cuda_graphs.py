@@ -25,10 +25,9 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .backbone import InferenceCache, WidthSpec
-from .generation import SamplingParams, sample_next
+from .generation import SamplingParams, sample_stream
 
 # Eager runs before a capture: Triton autotuning and the blocks' slice caches happen here.
 WARMUP_RUNS = 2
@@ -67,6 +66,12 @@ class _DecodeSlot:
     token: torch.Tensor  # (batch,) int64: the token the next replay consumes
     logits: torch.Tensor  # (batch, vocab): written by each replay
     graph: torch.cuda.CUDAGraph
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Replay the step on ``token`` (batch,); returns the logits buffer."""
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
 
     def reset(self) -> None:
         for state in self.cache.states:
@@ -155,19 +160,7 @@ class DecodeGraphs:
             slot.reset()
             with _autocast(self.autocast_dtype):
                 logits = self.model(input_ids, cache=slot.cache)[:, -1]
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for i in range(max_new_tokens):
-                token = sample_next(logits, params, generator)
-                logprob = F.log_softmax(logits.float(), -1).gather(-1, token[:, None]).squeeze(-1)
-                yield token, logprob
-                if eos_id is not None:
-                    finished |= token == eos_id
-                    if bool(finished.all()):
-                        return
-                if i + 1 < max_new_tokens:
-                    slot.token.copy_(token)
-                    slot.graph.replay()
-                    logits = slot.logits
+            yield from sample_stream(logits, slot.advance, max_new_tokens, params, eos_id, generator)
         finally:
             self.release(slot)
 

@@ -181,17 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=",".join(f"{d}x{b}x{n}" for d, b, n in SIZES),
                    help="d_model x batch x length, comma-separated (default %(default)s)")
     args = p.parse_args(argv)
+    result = start(p, "block")
+    result["rows"] = []
+    for d_model, batch, length in [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]:
+        result["rows"] += run_size(d_model, batch, length, result["ceilings"])
+    return finish(result, args.out, table)
+
+
+def start(parser: argparse.ArgumentParser, phase: str) -> dict[str, Any]:
+    """Logging on, CUDA required; the result dict with the environment and the measured ceilings."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
-        p.error("needs CUDA: run it on the device (bash bench/gpu_suite.sh block)")
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    result: dict[str, Any] = {"environment": environment(), "ceilings": measure_ceilings(), "rows": []}
-    for d_model, batch, length in sizes:
-        result["rows"] += run_size(d_model, batch, length, result["ceilings"])
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+        parser.error(f"needs CUDA: run it on the device (bash bench/gpu_suite.sh {phase})")
+    return {"environment": environment(), "ceilings": measure_ceilings()}
+
+
+def finish(result: dict[str, Any], out: Path | None, table_fn) -> int:
+    """Write the JSON (when asked) and print the table last."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table_fn(result))
     return 0
 
 

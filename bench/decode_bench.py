@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import statistics
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.block_bench import environment, measure_ceilings
+from bench.block_bench import finish, start
 from matmamba import MatMamba2Config, MatMambaLM, MatMambaLMConfig
 from matmamba.cuda_graphs import DecodeGraphs
 from matmamba.flops import count_params
@@ -178,18 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m and -1.3b shapes)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager decoding reference")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not torch.cuda.is_available():
-        p.error("needs CUDA: run it on the device (bash bench/gpu_suite.sh decode)")
-    result: dict[str, Any] = {"environment": environment(), "ceilings": measure_ceilings(), "sizes": []}
+    result = start(p, "decode")
+    result["sizes"] = []
     for i, size in enumerate(args.sizes.split(",")):  # eager decoding (slow) on the first size only
         d_model, n_layer = (int(v) for v in size.split("x"))
         result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    return 0
+    return finish(result, args.out, table)
 
 
 if __name__ == "__main__":

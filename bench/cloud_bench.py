@@ -94,14 +94,21 @@ def _bare_setup(checkpoint: Path, device: str):
     return ModelRunner.load(checkpoint, device=device)
 
 
-def _images(runner, batch: int):
+def _pixels(runner, batch: int):
+    """Random uint8 pixels (batch, C, H, W) on the runner's device."""
     import torch
 
     cfg = runner.config
     pixels = np.random.default_rng(batch).integers(0, 256, (batch, cfg.in_chans, cfg.image_size, cfg.image_size),
                                                    dtype=np.uint8)
+    return torch.from_numpy(pixels).to(runner.device)
+
+
+def _images(runner, batch: int):
+    import torch
+
     with torch.inference_mode():
-        return runner.prepare_images(pixels)  # (batch, C, H, W) float32 on the device
+        return runner.prepare_images(_pixels(runner, batch))  # (batch, C, H, W) float32 on the device
 
 
 def _sync(runner) -> None:
@@ -132,6 +139,39 @@ def bare_throughput(runner, plan: Plan) -> dict[int, list[float]]:
                 out[batch].append(batch * iters / (time.perf_counter() - start))
         log.info("bare batch %d: %.0f images/s", batch, float(np.median(out[batch])))
     return out
+
+
+def bare_graph_throughput(runner, plan: Plan) -> dict[int, list[float]]:
+    """images/s per batch size of the server's CUDA-graph classify (uint8 pixels already on the device)."""
+    out: dict[int, list[float]] = {}
+    width = runner.limits.default_width
+    for batch in plan.batch_sizes:
+        x = _pixels(runner, batch)
+        for _ in range(3):
+            runner.classify_graphs(width, x)
+        _sync(runner)
+        out[batch] = []
+        for _ in range(plan.reps):
+            iters, start = 0, time.perf_counter()
+            while iters < MAX_BARE_ITERS and time.perf_counter() - start < plan.bare_seconds:
+                runner.classify_graphs(width, x)
+                iters += 1
+            _sync(runner)
+            out[batch].append(batch * iters / (time.perf_counter() - start))
+        log.info("bare CUDA-graph batch %d: %.0f images/s", batch, float(np.median(out[batch])))
+    return out
+
+
+def bare_graph_latency(runner, plan: Plan) -> list[float]:
+    """Milliseconds per one-image CUDA-graph classify, probabilities copied back to the host."""
+    x, samples = _pixels(runner, 1), []
+    width = runner.limits.default_width
+    deadline = time.perf_counter() + 30
+    while len(samples) < plan.latency_samples and time.perf_counter() < deadline:
+        start = time.perf_counter()
+        runner.classify_graphs(width, x).cpu()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def bare_latency(runner, plan: Plan) -> list[float]:
@@ -272,12 +312,19 @@ def environment(device: str) -> dict[str, str]:
 def summarise(result: dict[str, Any], max_batch: int) -> dict[str, Any]:
     """Added latency at low load, and served / bare throughput per request size."""
     bare = {int(b): float(np.median(v)) for b, v in result["bare_throughput"].items()}
+    if "bare_graph_throughput" in result:  # the faster bare path is the reference
+        graphed = {int(b): float(np.median(v)) for b, v in result["bare_graph_throughput"].items()}
+        bare = {b: max(v, graphed[b]) for b, v in bare.items()}
     reference = max_batch if max_batch in bare else max(bare)  # the batch the server forms at most
     ratios = {name: {f"vs_bare_batch_{reference}": s["images_per_s_median"] / bare[reference],
                      "vs_best_bare": s["images_per_s_median"] / max(bare.values())}
               for name, s in result["served"].items()}
-    added = result["served_latency"]["p50_ms"] - result["bare_latency"]["p50_ms"]
-    return {"added_latency_p50_ms": added, "throughput_ratio": ratios}
+    bare_p50 = min(result["bare_latency"]["p50_ms"], result.get("bare_graph_latency", {}).get("p50_ms", np.inf))
+    added = result["served_latency"]["p50_ms"] - bare_p50
+    out = {"added_latency_p50_ms": added, "bare_p50_ms_reference": bare_p50, "throughput_ratio": ratios}
+    if "served_latency_low_wait" in result:
+        out["added_latency_p50_ms_low_wait"] = result["served_latency_low_wait"]["p50_ms"] - bare_p50
+    return out
 
 
 def table(result: dict[str, Any]) -> str:
@@ -289,13 +336,25 @@ def table(result: dict[str, Any]) -> str:
         rows.append(f"{'bare forward, batch ' + str(batch):<40} {np.median(values):>10.0f} {'':>8} {'':>8}")
     lat = result["bare_latency"]
     rows.append(f"{'bare forward, 1 image':<40} {'':>10} {lat['p50_ms']:>8.2f} {lat['p99_ms']:>8.2f}")
+    for batch, values in result.get("bare_graph_throughput", {}).items():
+        rows.append(f"{'bare CUDA graph, batch ' + str(batch):<40} {np.median(values):>10.0f} {'':>8} {'':>8}")
+    if "bare_graph_latency" in result:
+        lat = result["bare_graph_latency"]
+        rows.append(f"{'bare CUDA graph, 1 image':<40} {'':>10} {lat['p50_ms']:>8.2f} {lat['p99_ms']:>8.2f}")
     for name, s in result["served"].items():
         label = f"served {name} (batch ~{s['mean_server_batch']:.0f})"
         rows.append(f"{label:<40} {s['images_per_s_median']:>10.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f}")
     lat = result["served_latency"]
     rows.append(f"{'served, 1 client, 1 image':<40} {'':>10} {lat['p50_ms']:>8.2f} {lat['p99_ms']:>8.2f}")
+    if "served_latency_low_wait" in result:
+        lat = result["served_latency_low_wait"]
+        label = f"served, 1 client, --max-wait-ms {result['config']['latency_max_wait_ms']:g}"
+        rows.append(f"{label:<40} {'':>10} {lat['p50_ms']:>8.2f} {lat['p99_ms']:>8.2f}")
     summary = result["summary"]
     rows.append(f"added latency p50 (served - bare, 1 image): {summary['added_latency_p50_ms']:.2f} ms")
+    if "added_latency_p50_ms_low_wait" in summary:
+        rows.append(f"added latency p50 at --max-wait-ms {result['config']['latency_max_wait_ms']:g}: "
+                    f"{summary['added_latency_p50_ms_low_wait']:.2f} ms")
     for name, ratios in summary["throughput_ratio"].items():
         rows.append(f"served/bare throughput, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     return "\n".join(rows)
@@ -305,7 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan.from_args(args)
     result: dict[str, Any] = {"environment": environment(args.device), "plan": asdict(plan),
                               "config": {"checkpoint": str(args.checkpoint), "max_batch": args.max_batch,
-                                         "max_wait_ms": args.max_wait_ms, "quick": args.quick}}
+                                         "max_wait_ms": args.max_wait_ms, "quick": args.quick,
+                                         "latency_max_wait_ms": args.latency_max_wait_ms}}
     if args.cpu_threads:
         import torch
 
@@ -313,6 +373,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runner = _bare_setup(args.checkpoint, args.device)
     result["bare_throughput"] = bare_throughput(runner, plan)
     result["bare_latency"] = percentiles(bare_latency(runner, plan))
+    if runner.classify_graphs is not None:
+        result["bare_graph_throughput"] = bare_graph_throughput(runner, plan)
+        result["bare_graph_latency"] = percentiles(bare_graph_latency(runner, plan))
     del runner
     server = ServerProcess(args)
     try:
@@ -322,6 +385,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 for n in plan.request_sizes}
     finally:
         result["server_exit_code"] = server.stop()
+    if args.latency_max_wait_ms is not None and args.latency_max_wait_ms != args.max_wait_ms:
+        server = ServerProcess(argparse.Namespace(**{**vars(args), "max_wait_ms": args.latency_max_wait_ms}))
+        try:
+            result["served_latency_low_wait"] = percentiles(served_latency(server.address, plan))
+        finally:
+            result["server_exit_code"] = max(result["server_exit_code"], server.stop())
     result["summary"] = summarise(result, args.max_batch)
     return result
 
@@ -341,12 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-procs", type=int, default=4, help="client processes generating the load")
     p.add_argument("--max-batch", type=int, default=128, help="the server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
+    p.add_argument("--latency-max-wait-ms", type=float, default=0.0,
+                   help="also measure low-load latency on a server with this --max-wait-ms (default %(default)s: "
+                        "no batching window); omit with a negative value")
     p.add_argument("--cpu-threads", type=int, default=0, help="torch threads, bare and served (0 = default)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.latency_max_wait_ms is not None and args.latency_max_wait_ms < 0:
+        args.latency_max_wait_ms = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(args)
     if args.out is not None:

@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation),
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
-# spec (speculative decoding across tiers, bench/spec_bench.py).
+# spec (speculative decoding across tiers, bench/spec_bench.py),
+# block (nested block vs mamba-ssm Mamba2), decode (CUDA-graph decoding vs mamba-ssm generation).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -67,7 +68,7 @@ baseline() {  # task, width, dir, training args...: train one width alone, evalu
 
 for phase in "$@"; do
   case $phase in
-    tests) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu.py tests/test_gpu_graphs.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
     lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
     vision) run_task vision 192 96 48 24 -- "${VISION[@]}" ;;
     eval)  # the shipped checkpoints: every level, untrained uniform widths, a Mix'n'Match sweep
@@ -87,6 +88,8 @@ for phase in "$@"; do
         python3 -m bench.spec_bench --device cuda --precision fp32 --out "$OUT/spec_bench-cuda.json" 2>&1
       } | tee "$OUT/spec_bench.log" ;;
     cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
+    block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
+    decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

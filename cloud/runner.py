@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import matmamba
+from matmamba.cuda_graphs import DecodeGraphs, ForwardGraphs
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
 from proto import matmamba_pb2 as pb
@@ -38,6 +39,22 @@ WARMUP_TOKENS = 8
 WARMUP_NEW_TOKENS = 2
 # Precision choices: "auto" = bf16 autocast on CUDA (as training and evaluation), fp32 on CPU.
 PRECISIONS = ("auto", "fp32", "bf16")
+# CUDA-graph decode slots per served width: concurrent generations beyond this wait for a free one
+# (the GPU runs their steps one after another anyway). All are captured at warm-up.
+DECODE_SLOTS = 4
+
+
+def graph_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes the CUDA-graph classify path captures: powers of two below max_batch, and max_batch.
+
+    A batch of n images runs in the smallest bucket >= n (the extra rows compute and are dropped).
+    """
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, *, width: int | None = None,
                  precision: str = "auto", max_batch: int = 64, max_seq_len: int = 2048, max_tokens: int = 512,
-                 default_max_tokens: int = 64, max_reply_bytes: int = 0) -> None:
+                 default_max_tokens: int = 64, max_reply_bytes: int = 0, cuda_graphs: bool = True) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model, self.device, self.config = model, device, model.config
@@ -89,6 +106,15 @@ class ModelRunner:
         self.preprocess = None if self.is_lm else VisionPreprocess.for_config(self.config)
         self.limits = self._limits(max_batch, max_seq_len, max_tokens, default_max_tokens, max_reply_bytes)
         self._mean_std: tuple[torch.Tensor, torch.Tensor] | None = None
+        # CUDA graphs (one launch per forward or decode step): on CUDA unless cuda_graphs=False.
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        autocast_dtype = torch.bfloat16 if self.bf16 else None
+        self.classify_graphs = ForwardGraphs(self._classify_probs, autocast_dtype=autocast_dtype) \
+            if self.cuda_graphs and not self.is_lm else None
+        self._decode_graphs = DecodeGraphs(model, autocast_dtype=autocast_dtype, slots_per_key=DECODE_SLOTS) \
+            if self.cuda_graphs and self.is_lm else None
+        self.buckets = graph_buckets(max_batch)
+        self._pinned: dict[tuple, torch.Tensor] = {}  # reusable page-locked host buffers by (shape, dtype)
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, width: int | None = None, device: str = "auto",
@@ -123,9 +149,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ vision
 
-    def prepare_images(self, images: np.ndarray) -> torch.Tensor:
+    def prepare_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (n, C, H, W) pixels or float32 normalised images -> float32 (n, C, H, W) on the device."""
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        x = (torch.from_numpy(images) if isinstance(images, np.ndarray) else images).to(self.device)
         if x.dtype != torch.uint8:
             return x
         if self._mean_std is None:
@@ -135,14 +161,45 @@ class ModelRunner:
         mean, std = self._mean_std
         return (x.to(torch.float32) / 255.0 - mean) / std
 
+    def _classify_probs(self, width: int, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or normalised float images (n, C, H, W) on the device -> probabilities (n, classes) float32."""
+        logits = self.model(self.prepare_images(images), widths=width)
+        return logits.float().softmax(-1)
+
+    def _pinned_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._pinned.get((shape, dtype))
+        if buf is None:
+            buf = self._pinned[(shape, dtype)] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return buf
+
+    def _graphable(self, payloads: Sequence[np.ndarray]) -> bool:
+        cfg = self.config
+        return (self.classify_graphs is not None and all(p.dtype == np.uint8 for p in payloads)
+                and payloads[0].shape[1:] == (cfg.in_chans, cfg.image_size, cfg.image_size))
+
     @torch.inference_mode()
     def classify_batch(self, key: BatchKey, payloads: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Images of several requests, each (n_i, C, H, W) -> probabilities per request, (n_i, classes) float32."""
-        x = torch.cat([self.prepare_images(p) for p in payloads])  # (sum n_i, C, H, W)
+        """Images of several requests, each (n_i, C, H, W) -> probabilities per request, (n_i, classes) float32.
+
+        On CUDA, uint8 images of the configured size run as one CUDA-graph replay for the smallest
+        bucket that holds them: one copy into a page-locked buffer, one host-to-device copy, one
+        replay, one device-to-host copy.
+        """
+        sizes = [p.shape[0] for p in payloads]
+        n = sum(sizes)
+        if self._graphable(payloads) and n <= self.buckets[-1]:
+            bucket = next(b for b in self.buckets if b >= n)
+            host_in = self._pinned_buffer((bucket, *payloads[0].shape[1:]), torch.uint8)
+            np.concatenate(payloads, out=host_in.numpy()[:n])
+            probs = self.classify_graphs(key.width, host_in)  # (bucket, classes) on the device
+            host_out = self._pinned_buffer(tuple(probs.shape), torch.float32)
+            host_out.copy_(probs, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return _split(host_out.numpy()[:n].copy(), sizes)
+        x = torch.cat([torch.from_numpy(p) for p in payloads]).to(self.device)  # (sum n_i, C, H, W)
         with self.autocast():
-            logits = self.model(x, widths=key.width)  # (sum n_i, classes)
-        probs = logits.float().softmax(-1).cpu().numpy()
-        return _split(probs, [p.shape[0] for p in payloads])
+            probs = self._classify_probs(key.width, x)
+        return _split(probs.cpu().numpy(), sizes)
 
     # ------------------------------------------------------------------ language model
 
@@ -183,10 +240,12 @@ class ModelRunner:
         generator = None
         if inputs.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(inputs.seed)
-        with torch.inference_mode(), self.autocast():
-            stream = self.model.generate_stream(ids, inputs.max_tokens, widths=inputs.width,
-                                                temperature=inputs.temperature, top_k=inputs.top_k,
-                                                top_p=inputs.top_p, eos_id=eos, generator=generator)
+        # CUDA graphs run their own autocast (see matmamba.cuda_graphs); the eager path uses ours.
+        decode = self._decode_graphs or self.model
+        with torch.inference_mode(), (contextlib.nullcontext() if self._decode_graphs else self.autocast()):
+            stream = decode.generate_stream(ids, inputs.max_tokens, widths=inputs.width,
+                                            temperature=inputs.temperature, top_k=inputs.top_k,
+                                            top_p=inputs.top_p, eos_id=eos, generator=generator)
             for token, logprob in stream:  # (1,), (1,)
                 yield int(token[0]), float(logprob[0])
 
@@ -195,8 +254,9 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run a batch per served method at the default width (kernels compiled, caches built).
 
-        Vision: batches of 1 and of max_batch images; LM: one Score of WARMUP_TOKENS tokens and a
-        WARMUP_NEW_TOKENS-token greedy generation.
+        Vision: batches of 1 and of max_batch images (on CUDA: every graph bucket); LM: one Score of
+        WARMUP_TOKENS tokens and a WARMUP_NEW_TOKENS-token greedy generation (on CUDA: DECODE_SLOTS decode
+        graphs captured per served width).
         """
         width = self.limits.default_width
         if self.is_lm:
@@ -204,9 +264,13 @@ class ModelRunner:
             self.score_batch(BatchKey("Score", width, (WARMUP_TOKENS, True)), [ids])
             prompt = GenerateInputs(ids[0], WARMUP_NEW_TOKENS, 0.0, 0, 1.0, None, width, "warmup")
             self.generate(prompt, threading.Event(), lambda token, logprob: None)
+            if self._decode_graphs is not None:  # every graph now: a capture must not overlap other GPU work
+                for w in self.widths:
+                    self._decode_graphs.warmup(1, widths=w, slots=DECODE_SLOTS)
         else:
             cfg = self.config
-            for batch in sorted({1, self.limits.max_batch}):  # the smallest and the largest batch shapes
+            batches = self.buckets if self.cuda_graphs else sorted({1, self.limits.max_batch})
+            for batch in batches:
                 images = np.zeros((batch, cfg.in_chans, cfg.image_size, cfg.image_size), dtype=np.uint8)
                 self.classify_batch(BatchKey("Classify", width, images.shape[1:]), [images])
         if self.device.type == "cuda":

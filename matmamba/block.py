@@ -181,7 +181,8 @@ class MatMamba2(nn.Module):
         in inference they are built once per width and reused until a weight changes."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self._build_slices(width)
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        # (inference tensors, e.g. a model built under inference_mode, keep no version counter)
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.parameters())
         hit = self._slice_cache.get(width)
         if hit is None or hit[0] != key:
             with torch.no_grad():

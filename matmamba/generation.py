@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,22 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         return logits.argmax(-1)
     return torch.multinomial(sampling_probs(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sample_stream(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int,
+                  params: SamplingParams, eos_id: int | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode loop: from the prompt's last logits (batch, vocab), yield (tokens (batch,), log-probs (batch,)),
+    calling ``step(tokens) -> next logits`` between tokens. Stops after max_new_tokens, or when every
+    sequence has produced eos_id."""
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, params, generator)
+        logprob = F.log_softmax(logits.float(), -1).gather(-1, token[:, None]).squeeze(-1)
+        yield token, logprob
+        if eos_id is not None:
+            finished |= token == eos_id
+            if bool(finished.all()):
+                return
+        if i + 1 < max_new_tokens:
+            logits = step(token)

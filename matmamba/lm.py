@@ -6,11 +6,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backbone import InferenceCache, NestedStack, WidthSpec, init_weights
 from .config import MatMambaLMConfig
-from .generation import SamplingParams, sample_next
+from .generation import SamplingParams, sample_stream
 from .pretrained import PretrainedMixin
 
 
@@ -94,17 +93,8 @@ class MatMambaLM(PretrainedMixin, nn.Module):
         params = SamplingParams(temperature, top_k, top_p)
         cache = self.allocate_cache(input_ids.shape[0], mrl_level, widths=widths)
         logits = self.forward(input_ids, cache=cache)[:, -1]
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            token = sample_next(logits, params, generator)
-            logprob = F.log_softmax(logits.float(), -1).gather(-1, token[:, None]).squeeze(-1)
-            yield token, logprob
-            if eos_id is not None:
-                finished |= token == eos_id
-                if bool(finished.all()):
-                    return
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, cache)
+        yield from sample_stream(logits, lambda token: self.step(token, cache), max_new_tokens, params, eos_id,
+                                 generator)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Prompt (batch, length) -> prompt plus new tokens (batch, length + n). kwargs as generate_stream."""

@@ -16,8 +16,13 @@ SINCOS_BASE = 10000.0
 
 
 @functools.lru_cache(maxsize=16)
-def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos position code (grid_h * grid_w, dim); any grid size, no parameters."""
+def sincos_2d(grid_h: int, grid_w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2D sin-cos position code (grid_h * grid_w, dim) on `device`; any grid size, no parameters.
+
+    Cached per device, so a forward never copies it from the host (which a CUDA graph cannot capture).
+    """
+    if device is not None and device.type != "cpu":
+        return sincos_2d(grid_h, grid_w, dim).to(device)
     quarter = dim // 4
     freqs = SINCOS_BASE ** (-torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
     ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
@@ -57,7 +62,7 @@ class MatMambaVision(PretrainedMixin, nn.Module):
         patches = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # (B, d, H/p, W/p)
         gh, gw = patches.shape[2:]
         tokens = patches.flatten(2).transpose(1, 2)  # (B, N, d)
-        tokens = tokens + sincos_2d(gh, gw, cfg.d_model).to(tokens)
+        tokens = tokens + sincos_2d(gh, gw, cfg.d_model, tokens.device).to(tokens.dtype)
         tokens = torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens)], dim=1)
         h = self.backbone(tokens, spec)[:, -1]  # the class token, last in the sequence: (B, d)
         return self.head(self.norm_f(h.to(self.norm_f.weight.dtype)))

@@ -1,0 +1,189 @@
+"""Decode benchmark (GPU, bf16): greedy tokens/s per level with CUDA-graph decoding
+(matmamba.cuda_graphs.DecodeGraphs) against mamba-ssm's MambaLMHeadModel generation with its
+own CUDA graphs (``cg=True``) at the same size, plus eager decoding and prefill throughput.
+
+Models are randomly initialised (speed does not depend on the weights' values) at mamba-ssm's
+mamba2-130m and mamba2-1.3b shapes (d_model 768 x 24 layers and 2048 x 48, vocab 50280).
+Tokens/s is the decode rate alone: two generations of different lengths from the same prompt,
+batch * (n2 - n1) / (t2 - t1), medians over repetitions, so the prompt pass cancels out.
+Floors per level: bytes a step must move (weights at that width, the head, the recurrent
+states read and written) over the copy bandwidth measured in the same run.
+
+    python -m bench.decode_bench --out runs/decode_bench.json     # on the device: bash bench/gpu_suite.sh decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.block_bench import finish, start
+from matmamba import MatMamba2Config, MatMambaLM, MatMambaLMConfig
+from matmamba.cuda_graphs import DecodeGraphs
+from matmamba.flops import count_params
+from matmamba.kernels import import_mamba_ssm
+from matmamba.nesting import nested_dims
+
+log = logging.getLogger("decode_bench")
+
+LEVELS = (1, 2, 4, 8)
+BATCHES = (1, 32)
+PROMPT_LEN = 16
+N_SHORT, N_LONG = 16, 144  # new tokens in the two timed generations
+EAGER_N_SHORT, EAGER_N_LONG = 8, 40
+REPS = 5
+PREFILL = (8, 2048)  # batch, length of the prefill measurement
+VOCAB = 50280
+HEADDIM, D_STATE = 64, 128
+DTYPE = torch.bfloat16
+
+
+def lm_config(d_model: int, n_layer: int) -> MatMambaLMConfig:
+    return MatMambaLMConfig(n_layer=n_layer, vocab_size=VOCAB, pad_vocab_size_multiple=16,
+                            block=MatMamba2Config(d_model=d_model, d_state=D_STATE, headdim=HEADDIM))
+
+
+def mamba_ssm_lm(d_model: int, n_layer: int) -> torch.nn.Module:
+    """mamba-ssm's MambaLMHeadModel of the same shape (Mamba2 layers, no MLP, tied head)."""
+    sys.modules.setdefault("selective_scan_cuda", type(sys)("selective_scan_cuda"))  # Mamba-1 extension, unused
+    mixer = import_mamba_ssm("models.mixer_seq_simple")
+    config = import_mamba_ssm("models.config_mamba").MambaConfig(
+        d_model=d_model, d_intermediate=0, n_layer=n_layer, vocab_size=VOCAB, pad_vocab_size_multiple=16,
+        ssm_cfg={"layer": "Mamba2", "headdim": HEADDIM, "d_state": D_STATE, "use_mem_eff_path": False},
+        rms_norm=True, residual_in_fp32=True, fused_add_norm=True, tie_embeddings=True)
+    return mixer.MambaLMHeadModel(config, device="cuda", dtype=DTYPE).eval()
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_rate(generate, batch: int, n_short: int, n_long: int) -> float:
+    """Tokens/s of the decode loop alone: generate(n) runs a full generation of n new tokens."""
+    generate(n_long)  # warm-up (graph capture, autotuning)
+    short = statistics.median(timed(lambda: generate(n_short)) for _ in range(REPS))
+    long = statistics.median(timed(lambda: generate(n_long)) for _ in range(REPS))
+    return batch * (n_long - n_short) / max(long - short, 1e-9)
+
+
+def step_floor(cfg: MatMambaLMConfig, level: int, batch: int, bandwidth: float) -> dict[str, float]:
+    """Fewest bytes one decode step moves at this level, and the tokens/s that allows."""
+    width = cfg.block.width_for_level(level)
+    d = nested_dims(cfg.block, width)
+    weights = 2 * count_params(cfg, [width] * cfg.n_layer)  # bf16, embedding = tied head counted once
+    states = cfg.n_layer * batch * (2 * 4 * d.nheads * d.headdim * d.d_state + 2 * 2 * d.conv_dim * d.d_conv)
+    nbytes = weights + states
+    return {"bytes": nbytes, "floor_tokens_per_s": batch / (nbytes / bandwidth)}
+
+
+def prefill_rate(model: MatMambaLM, level: int) -> float:
+    """Prompt tokens/s of the parallel forward into a cache (head on the last position only)."""
+    batch, length = PREFILL
+    ids = torch.randint(0, VOCAB, (batch, length), device="cuda")
+    spec = model.backbone.resolve_widths(level)
+
+    def prefill() -> None:
+        cache = model.backbone.allocate_cache(batch, spec, ids.device)
+        h = model.backbone(model.backbone.embedding(ids), spec, cache)
+        model._head(h[:, -1:])
+
+    prefill()
+    return batch * length / statistics.median(timed(prefill) for _ in range(REPS))
+
+
+def greedy(decoder, prompt: torch.Tensor, level: int, n: int) -> torch.Tensor:
+    """n greedy tokens from a MatMambaLM or its DecodeGraphs."""
+    return decoder.generate(prompt, n, mrl_level=level, temperature=0)
+
+
+def reference_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens from mamba-ssm's MambaLMHeadModel with its CUDA graphs."""
+    return model.generate(prompt, prompt.shape[1] + n, cg=True, top_k=1)
+
+
+@torch.inference_mode()
+def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    cfg = lm_config(d_model, n_layer)
+    with torch.device("cuda"):
+        model = MatMambaLM(cfg).to(DTYPE).eval()
+    graphs = DecodeGraphs(model)
+    reference = mamba_ssm_lm(d_model, n_layer)
+    out: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "vocab": VOCAB, "rows": []}
+    for batch in BATCHES:
+        prompt = torch.randint(0, VOCAB, (batch, PROMPT_LEN), device="cuda")
+        ref_rate = decode_rate(functools.partial(reference_generate, reference, prompt), batch, N_SHORT, N_LONG)
+        for level in LEVELS:
+            row: dict[str, Any] = {"batch": batch, "level": level, "width": d_model // level,
+                                   "mamba_ssm_cg_tokens_per_s": ref_rate}
+            row["graph_tokens_per_s"] = decode_rate(functools.partial(greedy, graphs, prompt, level),
+                                                    batch, N_SHORT, N_LONG)
+            if eager and batch == 1:
+                row["eager_tokens_per_s"] = decode_rate(functools.partial(greedy, model, prompt, level),
+                                                        batch, EAGER_N_SHORT, EAGER_N_LONG)
+                graph_ids = graphs.generate(prompt, EAGER_N_LONG, mrl_level=level, temperature=0)
+                eager_ids = model.generate(prompt, EAGER_N_LONG, mrl_level=level, temperature=0)
+                row["graph_tokens_equal_eager"] = bool(torch.equal(graph_ids, eager_ids))
+            row["graph_vs_mamba_ssm"] = row["graph_tokens_per_s"] / ref_rate
+            row.update(step_floor(cfg, level, batch, ceilings["copy_bytes_per_s"]))
+            row["of_floor"] = row["graph_tokens_per_s"] / row["floor_tokens_per_s"]
+            log.info("d_model %d batch %d level %d: graph %.0f tok/s, mamba-ssm cg %.0f tok/s", d_model, batch, level,
+                     row["graph_tokens_per_s"], ref_rate)
+            out["rows"].append(row)
+    level1 = {r["batch"]: r["graph_tokens_per_s"] for r in out["rows"] if r["level"] == 1}
+    for r in out["rows"]:
+        r["speedup_vs_level1"] = r["graph_tokens_per_s"] / level1[r["batch"]]
+    out["prefill_tokens_per_s"] = {level: prefill_rate(model, level) for level in LEVELS}
+    out["prefill_shape"] = PREFILL
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"decode bench on {env['device']} (torch {env['torch']}, mamba-ssm {env['mamba_ssm']}, causal-conv1d "
+             f"{env['causal_conv1d']}), bf16, greedy, prompt {PROMPT_LEN}, medians of {REPS}",
+             "| model | batch | level | graph tok/s | vs level 1 | mamba-ssm cg tok/s | graph / mamba-ssm "
+             "| eager tok/s | % of floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for size in result["sizes"]:
+        name = f"d{size['d_model']} x {size['n_layer']}"
+        for r in size["rows"]:
+            eager = f"{r['eager_tokens_per_s']:.0f}" if "eager_tokens_per_s" in r else ""
+            lines.append(f"| {name} | {r['batch']} | {r['level']} | {r['graph_tokens_per_s']:.0f} "
+                         f"| {r['speedup_vs_level1']:.2f}x | {r['mamba_ssm_cg_tokens_per_s']:.0f} "
+                         f"| {r['graph_vs_mamba_ssm']:.2f} | {eager} | {100 * r['of_floor']:.0f}% |")
+        b, n = size["prefill_shape"]
+        lines.append(f"prefill {name} ({b}x{n} tokens), tokens/s by level: " + ", ".join(
+            f"{level}: {rate:,.0f}" for level, rate in size["prefill_tokens_per_s"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    p.add_argument("--sizes", default="768x24,2048x48",
+                   help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m and -1.3b shapes)")
+    p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager decoding reference")
+    args = p.parse_args(argv)
+    result = start(p, "decode")
+    result["sizes"] = []
+    for i, size in enumerate(args.sizes.split(",")):  # eager decoding (slow) on the first size only
+        d_model, n_layer = (int(v) for v in size.split("x"))
+        result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager))
+    return finish(result, args.out, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""CUDA graphs for the small-batch paths: a captured graph replays every kernel of a decode
+step (or of a whole forward) with one launch, so narrow widths stop paying Python and launch costs.
+
+    graphs = DecodeGraphs(model)                                    # a MatMambaLM on CUDA
+    ids = graphs.generate(prompt, 64, mrl_level=4, temperature=0)   # = model.generate(...), token for token
+
+    forward = ForwardGraphs(lambda width, x: model(x, widths=width).softmax(-1))
+    probs = forward(192, images)    # one graph per (key, shape, dtype); the result is the graph's buffer
+
+Decoding: each (widths, batch) gets a recurrent cache allocated once and a graph of one
+`model.step` on it. The prompt runs through the eager parallel forward into that cache, then
+every new token is one replay. Graphs are pooled: concurrent generations (threads) each take a
+free one, and a new one is captured when none is free.
+
+Autocast: pass `autocast_dtype` (e.g. torch.bfloat16) instead of calling under `torch.autocast`;
+warm-up, capture and prefill then run under autocast with its weight-cast cache off (a cached
+cast would be freed when the caller's autocast exits, and the graph would read freed memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import InferenceCache, WidthSpec
+from .generation import SamplingParams, sample_stream
+
+# Eager runs before a capture: Triton autotuning and the blocks' slice caches happen here.
+WARMUP_RUNS = 2
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
+def capture(fn: Callable[[], object], autocast_dtype: torch.dtype | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``fn`` up on a side stream, then capture one call of it. Returns the graph and fn's outputs
+    (the graph's static buffers: each replay rewrites them)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), _autocast(autocast_dtype):
+        for _ in range(WARMUP_RUNS):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads may allocate or launch while this one captures.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), _autocast(autocast_dtype):
+        out = fn()
+    return graph, out
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass
+class _DecodeSlot:
+    """One captured decode step: its cache, its input token buffer and its logits buffer."""
+
+    cache: InferenceCache
+    token: torch.Tensor  # (batch,) int64: the token the next replay consumes
+    logits: torch.Tensor  # (batch, vocab): written by each replay
+    graph: torch.cuda.CUDAGraph
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Replay the step on ``token`` (batch,); returns the logits buffer."""
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+    def reset(self) -> None:
+        for state in self.cache.states:
+            state.conv.zero_()
+            state.ssm.zero_()
+        self.cache.seqlen = 0
+
+
+class DecodeGraphs:
+    """CUDA-graph decoding for a MatMambaLM: same tokens as its eager `generate_stream`, one launch a token.
+
+    ``slots_per_key`` caps the graphs (and caches) per (widths, batch): a generation that finds all
+    of them busy waits for one. Capture graphs while no other thread uses the GPU (``warmup`` at
+    start-up): work on the legacy default stream during a capture invalidates it.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
+                 slots_per_key: int | None = None) -> None:
+        device = model.lm_head.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"DecodeGraphs needs the model on a CUDA device, it is on {device}")
+        if slots_per_key is not None and slots_per_key <= 0:
+            raise ValueError(f"slots_per_key must be positive (or None for no cap), got {slots_per_key}")
+        self.model, self.device, self.autocast_dtype = model, device, autocast_dtype
+        self.slots_per_key = slots_per_key
+        self._free: dict[tuple[tuple[int, ...], int], list[_DecodeSlot]] = {}
+        self._count: dict[tuple[tuple[int, ...], int], int] = {}  # slots captured per key
+        self._cond = threading.Condition()
+
+    @property
+    def captured(self) -> int:
+        """Graphs captured so far."""
+        return sum(self._count.values())
+
+    @torch.inference_mode()
+    def _capture_slot(self, widths: tuple[int, ...], batch: int) -> _DecodeSlot:
+        cache = self.model.backbone.allocate_cache(batch, widths, self.device)
+        token = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        graph, logits = capture(lambda: self.model.step(token, cache), self.autocast_dtype)
+        return _DecodeSlot(cache, token, logits, graph)
+
+    def acquire(self, widths: tuple[int, ...], batch: int) -> _DecodeSlot:
+        """A free slot for (widths, batch): a captured one, a new capture, or (at the cap) the next released."""
+        key = (widths, batch)
+        with self._cond:
+            while not self._free.get(key):
+                if self.slots_per_key is None or self._count.get(key, 0) < self.slots_per_key:
+                    self._count[key] = self._count.get(key, 0) + 1
+                    break
+                self._cond.wait()
+            else:
+                return self._free[key].pop()
+        try:
+            return self._capture_slot(widths, batch)
+        except BaseException:
+            with self._cond:
+                self._count[key] -= 1
+                self._cond.notify()
+            raise
+
+    def release(self, slot: _DecodeSlot) -> None:
+        with self._cond:
+            self._free.setdefault((slot.cache.widths, slot.cache.batch_size), []).append(slot)
+            self._cond.notify()
+
+    def warmup(self, batch: int, *, mrl_level: int | None = None, widths: WidthSpec | None = None,
+               slots: int = 1) -> None:
+        """Capture ``slots`` graphs for (widths, batch) ahead of the first requests."""
+        spec = self.model.backbone.resolve_widths(mrl_level, widths)
+        taken = [self.acquire(spec, batch) for _ in range(slots)]
+        for slot in taken:
+            self.release(slot)
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, *, mrl_level: int | None = None,
+                        widths: WidthSpec | None = None, temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, eos_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """As MatMambaLM.generate_stream: yield (tokens (batch,), log-probs (batch,)) one step at a time."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        params = SamplingParams(temperature, top_k, top_p)
+        spec = self.model.backbone.resolve_widths(mrl_level, widths)
+        slot = self.acquire(spec, input_ids.shape[0])
+        try:
+            slot.reset()
+            with _autocast(self.autocast_dtype):
+                logits = self.model(input_ids, cache=slot.cache)[:, -1]
+            yield from sample_stream(logits, slot.advance, max_new_tokens, params, eos_id, generator)
+        finally:
+            self.release(slot)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Prompt (batch, length) -> prompt plus new tokens (batch, length + n); kwargs as generate_stream."""
+        new = [token for token, _ in self.generate_stream(input_ids, max_new_tokens, **kwargs)]
+        if not new:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
+
+
+# ---------------------------------------------------------------- whole forwards
+
+
+@dataclass
+class _ForwardGraph:
+    input: torch.Tensor
+    output: torch.Tensor
+    graph: torch.cuda.CUDAGraph
+
+
+class ForwardGraphs:
+    """``fn(key, x)`` captured once per (key, x.shape, x.dtype) and replayed after.
+
+    Not thread-safe: call from one thread (the cloud runner's batch executor), and use the
+    returned tensor (the graph's output buffer) before the next call.
+    """
+
+    def __init__(self, fn: Callable[[Hashable, torch.Tensor], torch.Tensor], *,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.fn, self.autocast_dtype = fn, autocast_dtype
+        self._graphs: dict[tuple, _ForwardGraph] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    @torch.inference_mode()
+    def __call__(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+        entry = self._graphs.get((key, tuple(x.shape), x.dtype))
+        if entry is None:
+            static = torch.empty(x.shape, dtype=x.dtype, device="cuda")
+            static.copy_(x)
+            graph, out = capture(lambda: self.fn(key, static), self.autocast_dtype)
+            entry = self._graphs[(key, tuple(x.shape), x.dtype)] = _ForwardGraph(static, out, graph)
+        entry.input.copy_(x, non_blocking=True)
+        entry.graph.replay()
+        return entry.output

@@ -2,11 +2,12 @@
 
     python -m bench.ray_wheel            # then carry ".raywhl" and run `bash bench/gpu_suite.sh router`
 
-The device image has no Ray and a call carries at most 64 MiB; Ray 2.60's cp312 wheel is 76 MiB,
-31 MiB of it the Java runtime (``ray/jars``) and 3 MiB the dashboard's web client, which the
-router never starts (``include_dashboard=False``). This downloads the wheel from PyPI, drops those
-two folders (and their RECORD lines), and adds the one dependency the image lacks (jsonschema
-and its own), all for CPython 3.12 on manylinux x86_64.
+The device image has no Ray and a call carries at most 64 MiB, working tree included; Ray 2.60's
+cp312 wheel is 76 MiB, 31 MiB of it the Java runtime (``ray/jars``) and 3 MiB the dashboard's web
+client, which the router never starts (``include_dashboard=False``). This downloads the wheel from
+PyPI, drops those and the libraries the router never imports (RLlib, Tune, Train, Data, LLM), with
+their RECORD lines, and adds the one dependency the image lacks (jsonschema and its own), all for
+CPython 3.12 on manylinux x86_64.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 RAY = "ray==2.60.0"  # the version pyproject.toml pins
 EXTRA = ["jsonschema==4.25.1", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1"]
-DROP = ("ray/jars/", "ray/dashboard/client/build/")
+DROP = ("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ray/tune/", "ray/train/", "ray/data/", "ray/llm/")
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
             "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64"]
 

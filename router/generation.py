@@ -18,11 +18,15 @@ tokens, so a character split between tokens (or tiers) is never broken.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import numpy as np
 
+from edge.client import FINISH_NAMES
 from edge.results import SegmentOutput, SegmentRequest
 from proto import matmamba_pb2 as pb
 from proto.validate import GenerateInputs, RequestError, validate_generate
@@ -30,7 +34,9 @@ from proto.validate import GenerateInputs, RequestError, validate_generate
 from .confidence import confidence
 from .core import RouterCore, ThrottledWarning, new_request_id, record_items, served_by
 from .escalation import EscalationError
+from .traffic_log import GenerationTrace
 
+log = logging.getLogger(__name__)
 # What a partial UTF-8 character decodes to; text ending in it waits for the token completing it.
 REPLACEMENT_CHAR = "\ufffd"
 _warn_degraded = ThrottledWarning()
@@ -61,10 +67,14 @@ class IncrementalText:
 class SegmentedGeneration:
     """One Generate call: the loop of edge segments, escalations and chunks."""
 
+    MODE = "segment"
+
     def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
+        start = time.monotonic()
         self.core, self.inputs, self.request_id = core, inputs, request_id
         # One policy for the whole generation: the stage of the generating width (a chain's widest by default).
-        self.policy = core.thresholds.current.stage_for(core.level_of(inputs.width))
+        thresholds = core.thresholds.current
+        self.policy = thresholds.stage_for(core.level_of(inputs.width))
         self.context: list[int] = inputs.prompt_ids.tolist()
         self.produced = 0
         self.finish = pb.FINISH_REASON_UNSPECIFIED
@@ -72,6 +82,9 @@ class SegmentedGeneration:
         self.session = new_request_id()
         self.worker = core.edge.pick()  # one worker for the whole generation: it keeps the recurrent state
         self.last: pb.ServedBy | None = None
+        # what the traffic log gets when the stream ends (None without --traffic-log)
+        self.trace = (GenerationTrace(request_id, start, thresholds, self.policy, self.MODE, inputs.prompt_ids)
+                      if core.traffic is not None else None)
 
     def _segment_request(self, max_new: int) -> SegmentRequest:
         i = self.inputs
@@ -92,6 +105,8 @@ class SegmentedGeneration:
         if self.core.info.eos_id >= 0 and self.core.info.eos_id in tokens:
             self.finish = pb.FINISH_REASON_EOS
         self.last = served
+        if self.trace is not None:
+            self.trace.add(len(tokens), served)
         record_items(self.core, "Generate", [served])
         text = self.text.push(tokens) if self.text is not None else ""
         return pb.GenerateChunk(token_ids=tokens, text=text, logprobs=logprobs, served_by=served)
@@ -106,6 +121,8 @@ class SegmentedGeneration:
                 escalate = conf < self.policy.threshold
                 self.core.metrics.record_decisions("Generate", self.policy.measure, np.array([conf]),
                                                    np.array([escalate]))
+                if self.trace is not None:
+                    self.trace.begin(seg.logprobs, seg.compute_ms, escalated=escalate)
                 if not escalate:
                     yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg))
                     continue
@@ -155,6 +172,8 @@ class SegmentedGeneration:
             return
         if missing < len(seg.tokens) or err.partial:  # the context moved on: generate the rest anew
             seg = await self._edge_segment(missing)
+            if self.trace is not None:
+                self.trace.items[-1]["edge_ms"] += seg.compute_ms
         yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg, degraded=True))
 
 
@@ -177,5 +196,22 @@ async def generate_chunks(core: RouterCore, request: pb.GenerateRequest) -> Asyn
     else:
         kind = SegmentedGeneration
     generation = kind(core, inputs, inputs.request_id or new_request_id())
-    async for chunk in generation.chunks():
-        yield chunk
+    outcome, finish, error = "failed", "", ""
+    try:
+        async for chunk in generation.chunks():
+            if chunk.finish_reason:
+                finish = FINISH_NAMES.get(chunk.finish_reason, "")
+            yield chunk
+        outcome = "finished"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+        outcome = "cancelled"
+        raise
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if generation.trace is not None:
+            try:
+                core.traffic.observe_generation(generation.trace, outcome, finish, error)
+            except Exception:  # the log must never fail the stream
+                log.exception("traffic log: no record for generation %s", generation.request_id)

@@ -28,6 +28,12 @@ is closest to R without exceeding it, with its expected rate and band. ``--apply
 writes it as a thresholds file (router/thresholds.py format, checked with the router's parser,
 written atomically): point the router's ``--thresholds`` at FILE and it reloads it within
 ``--thresholds-poll-ms``. Exit status: 0, 2 bad arguments or no usable records.
+
+**Generate.** Generate records (one per stream) are ignored unless ``--method Generate`` is given;
+then each segment of a segment-mode stream is an item (its confidence under every LM measure and
+its escalation decision), and only the escalation side is re-tuned: the rate of any threshold is
+exact, agreement is not estimated (a segment has no single answer to compare, and Generate is
+never shadowed). Speculative streams are skipped (they have no escalation decision).
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ class LogItems:
 
 def _item_row(rec: dict[str, Any], item: dict[str, Any]) -> list[Any]:
     """[conf, escalated, degraded, agree, source, shadow rate, t, fingerprint, method] of one logged item."""
-    cloud = item["cloud"] if item["tier"] == "cloud" else None
+    cloud = item.get("cloud") if item["tier"] == "cloud" else None  # Generate items carry no answers
     source, agree = (ESCALATED, item["edge"][0][0] == cloud[0][0]) if cloud is not None else (0, False)
     return [item["conf"], item["escalated"], item["degraded"], agree, source, rec["shadow_rate"], rec["t"],
             rec["fingerprint"], rec["method"]]
@@ -102,6 +108,8 @@ def _join_shadow(rec: dict[str, Any], rows: list[list[Any]], waiting: dict[tuple
 def load_items(directory: str | Path, method: str | None = None, since: float | None = None) -> LogItems:
     """Items of the log for one method and checkpoint (the newest request's unless ``method`` is given).
 
+    Generate records are used only when ``method`` is "Generate", and then only segment-mode ones
+    (one item per segment); speculative rounds have no escalation decision to re-tune.
     Records are read one at a time; only a small row per item is kept (a full log fits in memory).
     """
     rows: list[list[Any]] = []
@@ -111,7 +119,10 @@ def load_items(directory: str | Path, method: str | None = None, since: float | 
         kind = rec.get("kind")
         if kind == "shadow":
             _join_shadow(rec, rows, waiting, notes)
-        if kind != "request" or (method and rec["method"] != method) or (since is not None and rec["t"] < since):
+        if kind != "request" or rec["method"] != (method or rec["method"]) or (since is not None and rec["t"] < since):
+            continue
+        if rec["method"] == "Generate" and (method is None or rec.get("mode") != "segment"):
+            notes["Generate records skipped" if method is None else "speculative Generate records skipped"] += 1
             continue
         last = rec
         for i, item in enumerate(rec["items"]):
@@ -120,8 +131,9 @@ def load_items(directory: str | Path, method: str | None = None, since: float | 
             notes["shadow dropped under load"] += item.get("shadow") == "dropped"
             rows.append(_item_row(rec, item))
     if last is None:
-        raise ValueError(f"{directory} holds no {method or ''} request records{' since then' if since else ''}; is "
-                         "it the --traffic-log directory of a router that has answered requests?")
+        hint = " (Generate records are used only with --method Generate)" if notes["Generate records skipped"] else ""
+        raise ValueError(f"{directory} holds no {method or ''} request records{' since then' if since else ''}{hint}; "
+                         "is it the --traffic-log directory of a router that has answered requests?")
     keep = [r for r in rows if r[7] == last["fingerprint"] and r[8] == last["method"]]
     notes["items skipped (other method or checkpoint)"] = len(rows) - len(keep)
     conf = {m: np.array([r[0][m] for r in keep], dtype=np.float64) for m in keep[0][0]}
@@ -199,7 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-escalation", type=float,
                    help="wanted escalation rate in [0, 1] (default: the target of the thresholds in force)")
     p.add_argument("--measure", choices=list(MEASURES), help="confidence measure (default: the one in force)")
-    p.add_argument("--method", choices=["Classify", "Score"], help="requests to use (default: the newest's)")
+    p.add_argument("--method", choices=["Classify", "Score", "Generate"],
+                   help="requests to use (default: the newest Classify or Score request's; Generate: its segments, "
+                        "escalation side only)")
     p.add_argument("--since", help="only requests from this time on: unix seconds or ISO 8601 (UTC if no zone)")
     p.add_argument("--last", type=int, help="only the newest N items (after --since)")
     p.add_argument("--apply", action="store_true", help="write the proposed thresholds to --out")
@@ -262,6 +276,10 @@ def _report_current(items: LogItems, policy: dict[str, Any], target: float | Non
         print(f"  escalated items where the cloud kept the edge's answer: {items.agree[esc].mean():.2%} "
               f"of {int(esc.sum())}")
     kept = kept_agreement(items)
+    if items.last["method"] == "Generate":
+        print("  agreement: not estimated for Generate (segments carry no comparable answers and are never "
+              "shadowed); the proposal matches the escalation rate only")
+        return current
     if kept is None:
         print("  agreement on kept items: unknown (no shadow samples; start the router with --shadow-rate)")
         return current

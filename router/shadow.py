@@ -12,6 +12,9 @@ Shadows are dropped first under load: at most ``max_inflight`` shadow calls run 
 shadow that finds no free slot (or no eligible cloud replica) is not sent at all (counted in
 ``router_shadow_total{outcome="dropped"}`` and marked ``"dropped"`` in the log). Real
 escalations have no such cap, so they never queue behind shadows in the router.
+
+Generate streams are logged (``TrafficTap.observe_generation``) but never shadowed: a segment the
+edge kept has already been streamed and has no single cloud answer to compare it with.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from proto.tensors import TensorFormatError, from_tensor_msg, to_tensor_msg
 
 from .escalation import EscalationError, ReplicaPool
 from .metrics import RouterMetrics
-from .traffic_log import FORMAT_VERSION, Observed, TrafficLog, next_token_probs, request_record, topk
+from .traffic_log import (
+    FORMAT_VERSION,
+    GenerationTrace,
+    Observed,
+    TrafficLog,
+    generation_record,
+    next_token_probs,
+    request_record,
+    topk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +168,12 @@ class TrafficTap:
         self._boot = secrets.token_hex(4)  # keys unique across restarts of the router
         self._seq = itertools.count()
 
+    def _key(self) -> str:
+        return f"{self._boot}-{next(self._seq)}"
+
     def observe(self, obs: Observed) -> None:
         """Called on the event loop once the answer is ready; does no I/O and never waits."""
-        key = f"{self._boot}-{next(self._seq)}"
+        key = self._key()
         rows = self.shadow.pick(~obs.escalated) if self.shadow is not None else np.empty(0, dtype=np.int64)
         sent = bool(rows.size) and self.shadow.admit(obs.method)
         limit = self.shadow.cloud.max_batch if sent else 0
@@ -172,6 +187,14 @@ class TrafficTap:
                                            max_input_bytes=self.max_input_bytes))
         if sent:
             self.shadow.launch(obs, rows, key)
+
+    def observe_generation(self, trace: GenerationTrace, outcome: str, finish: str = "", error: str = "") -> None:
+        """Called on the event loop when a Generate stream ends: queue its record (no shadow for Generate)."""
+        if self.log is not None:
+            self.log.submit(generation_record(trace, key=self._key(), task=self.task,
+                                              fingerprint=self.fingerprint, edge_level=self.edge_level,
+                                              outcome=outcome, finish=finish, error=error,
+                                              max_input_bytes=self.max_input_bytes))
 
     async def close(self) -> None:
         if self.shadow is not None:

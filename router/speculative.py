@@ -199,6 +199,8 @@ class CloudSession:
 class SpeculativeGeneration(SegmentedGeneration):
     """One Generate call in speculative mode (see the module docstring)."""
 
+    MODE = "speculative"
+
     def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
         super().__init__(core, inputs, request_id)
         self.draft_length = DraftLength(core.draft_tokens)
@@ -231,6 +233,8 @@ class SpeculativeGeneration(SegmentedGeneration):
 
     async def _round(self, seg: SegmentOutput, remaining: int) -> AsyncIterator[pb.GenerateChunk]:
         conf = float(confidence(self.policy.measure, np.asarray([seg.logprobs]))[0]) if seg.tokens else 0.0
+        if self.trace is not None:
+            self.trace.begin(seg.logprobs, seg.compute_ms, drafted=len(seg.tokens))
         try:
             reply, cloud_ms = await self.cloud.verify(self.context, seg.tokens, seg.probs, remaining)
         except EscalationError as err:
@@ -241,6 +245,8 @@ class SpeculativeGeneration(SegmentedGeneration):
             return
         n = reply.accepted
         self.draft_length.update(len(seg.tokens), n)
+        if self.trace is not None:
+            self.trace.items[-1]["accepted"] = n
         if n:  # log-probabilities are the cloud's (the distribution the output follows)
             served = self._served(pb.EDGE, conf, seg, cloud_ms=cloud_ms, replica=reply.served_by.replica,
                                   draft_tokens=len(seg.tokens), accepted_tokens=n)

@@ -10,7 +10,10 @@ the field table):
 - ``"request"``: one Classify or Score request as the router answered it: per item the
   confidence under every measure of the task, the escalation decision, tier, degraded flag,
   the edge answer (top-k with probabilities), the cloud answer when the cloud gave it, and
-  timings; the thresholds in force, the checkpoint fingerprint and the shadow rate;
+  timings; the thresholds in force, the checkpoint fingerprint and the shadow rate. A Generate
+  stream gets one ``"request"`` record when it ends (finished, failed or cancelled): per segment
+  (or speculative round) one item with its confidence under every LM measure, tier, token counts
+  and timings (``GenerationTrace``);
 - ``"shadow"``: the cloud's answer to a shadow escalation (router/shadow.py) of some kept
   items of a request, joined to it by ``key``.
 
@@ -39,8 +42,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,14 +161,86 @@ def request_record(obs: Observed, *, key: str, task: str, fingerprint: str, edge
                       "degraded": s.degraded, "edge": topk(obs.edge[i]),
                       "cloud": topk(obs.answer[i]) if cloud else None,
                       "edge_ms": s.edge_ms, "cloud_ms": s.cloud_ms, "replica": s.replica, "shadow": shadow.get(i)})
-    p = obs.policy
-    record = {"v": FORMAT_VERSION, "kind": "request", "key": key, "id": obs.request_id, "t": time.time(),
-              "method": obs.method, "task": task, "fingerprint": fingerprint, "edge_level": edge_level,
-              "thresholds": {"measure": p.measure, "threshold": p.threshold, "version": p.version,
-                             "target": p.target_escalation},
-              "shadow_rate": shadow_rate, "router_ms": (time.monotonic() - obs.start) * 1e3, "items": items}
+    record = _request_fields(obs.method, obs.request_id, obs.start, obs.policy, key=key, task=task,
+                             fingerprint=fingerprint, edge_level=edge_level, shadow_rate=shadow_rate)
+    record["items"] = items
     if max_input_bytes is not None:
         record["input"] = input_field(obs.inputs, max_input_bytes)
+    return record
+
+
+def _request_fields(method: str, request_id: str, start: float, policy: Any, *, key: str, task: str,
+                    fingerprint: str, edge_level: int, shadow_rate: float, stage: Any = None) -> dict[str, Any]:
+    """The fields every "request" record has (docs/ROUTER.md: the traffic log).
+
+    ``policy`` is the Thresholds in force; ``stage`` the chain stage that judged (default: the policy's own).
+    """
+    p, judge = policy, stage or policy
+    return {"v": FORMAT_VERSION, "kind": "request", "key": key, "id": request_id, "t": time.time(),
+            "method": method, "task": task, "fingerprint": fingerprint, "edge_level": edge_level,
+            "thresholds": {"measure": judge.measure, "threshold": judge.threshold, "version": p.version,
+                           "target": p.target_escalation},
+            "shadow_rate": shadow_rate, "router_ms": (time.monotonic() - start) * 1e3}
+
+
+def lm_confidences(token_logprobs: Sequence[float]) -> dict[str, float]:
+    """A generated segment's confidence under every LM measure, from the edge's token log-probabilities."""
+    from .confidence import LM, MEASURES, confidence
+
+    values = np.asarray([token_logprobs], dtype=np.float64).reshape(1, -1)
+    return {m.name: float(confidence(m.name, values)[0]) for m in MEASURES.values() if m.task == LM}
+
+
+@dataclass
+class GenerationTrace:
+    """One Generate stream as the traffic log sees it: one item per segment (or speculative round).
+
+    Filled on the event loop while the stream runs (a few dict updates per chunk, no I/O); the
+    record is built from it once the stream has ended.
+    """
+
+    request_id: str
+    start: float  # time.monotonic() when the router took the request
+    policy: Any  # the Thresholds in force when the stream started
+    stage: Any  # its Stage that judges the segments (that of the generating width)
+    mode: str  # "segment" or "speculative"
+    prompt: np.ndarray  # (L,) prompt token ids
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def begin(self, edge_logprobs: Sequence[float], edge_ms: float, *, escalated: bool | None = None,
+              drafted: int | None = None) -> None:
+        """A new segment (``escalated``: its decision) or speculative round (``drafted``: tokens drafted)."""
+        item: dict[str, Any] = {"conf": lm_confidences(edge_logprobs), "tier": "edge", "degraded": False,
+                                "tokens": 0, "cloud_tokens": 0, "chunks": 0, "edge_ms": edge_ms, "cloud_ms": 0.0}
+        if drafted is None:
+            item["escalated"] = bool(escalated)
+        else:
+            item.update(drafted=drafted, accepted=0)
+        self.items.append(item)
+
+    def add(self, tokens: int, served: pb.ServedBy) -> None:
+        """A chunk of the current segment or round was streamed."""
+        item = self.items[-1]
+        item["tokens"] += tokens
+        item["chunks"] += 1
+        if served.tier == pb.CLOUD:
+            item["tier"] = "cloud"
+            item["cloud_tokens"] += tokens
+        item["degraded"] = item["degraded"] or served.degraded
+        item["cloud_ms"] = max(item["cloud_ms"], served.cloud_ms)
+
+
+def generation_record(trace: GenerationTrace, *, key: str, task: str, fingerprint: str, edge_level: int,
+                      outcome: str, finish: str, error: str, max_input_bytes: int | None) -> dict[str, Any]:
+    """The "request" record of a Generate stream that ended with ``outcome`` (finished, failed, cancelled).
+
+    No Generate item is ever shadowed, so its ``shadow_rate`` is 0.
+    """
+    record = _request_fields("Generate", trace.request_id, trace.start, trace.policy, key=key, task=task,
+                             fingerprint=fingerprint, edge_level=edge_level, shadow_rate=0.0, stage=trace.stage)
+    record.update(mode=trace.mode, outcome=outcome, finish=finish, error=error, items=trace.items)
+    if max_input_bytes is not None:
+        record["input"] = input_field(trace.prompt, max_input_bytes)
     return record
 
 

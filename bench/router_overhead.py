@@ -3,6 +3,7 @@
     python -m bench.router_overhead --out runs/router_overhead.json            # ~1 min on a 2-core CPU
     python -m bench.router_overhead --requests 100 --max-wait-ms 0             # quicker
     python -m bench.router_overhead --device cuda                              # GPU edge worker (needs Ray)
+    python -m bench.router_overhead --device cuda --compute-only               # the edge worker alone, no Ray
 
 For each ``--max-wait-ms`` value (default: 0 and the router's default 2):
 
@@ -123,17 +124,25 @@ def through_router(address: str, images: np.ndarray, n: int, warmup: int) -> tup
     return client_ms, edge_ms
 
 
-def direct_compute(args: argparse.Namespace, images: np.ndarray, n: int, warmup: int) -> list[float]:
-    """The edge worker's own compute time (ms) for the same one-image inputs, in this process."""
+def direct_compute(args: argparse.Namespace, images: np.ndarray, n: int,
+                   warmup: int) -> tuple[list[float], list[float]]:
+    """The edge worker's own compute time (ms) for the same one-image inputs, in this process.
+
+    Returns (uint8 images: what the router sends, through CUDA graphs on a GPU; the same images
+    normalised to float32, which take the eager path), measured alternately in one loop.
+    """
     from edge.worker import EdgeWorker
+    from matmamba.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
 
     worker = EdgeWorker(args.checkpoint, args.level, device=args.device, num_threads=args.threads)
-    times = []
+    floats = ((images / 255.0 - FMNIST_MEAN) / FMNIST_STD).astype(np.float32)
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(warmup + n):
-        start = time.perf_counter()
-        worker.classify_batch(0, [images[i % len(images)][None]])
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+        for batch, out in ((images, times[0]), (floats, times[1])):
+            start = time.perf_counter()
+            worker.classify_batch(0, [batch[i % len(batch)][None]])
+            if i >= warmup:
+                out.append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -144,12 +153,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
     thresholds = tmp / "never-escalate.json"
     thresholds.write_text(json.dumps({"measure": "max_softmax", "threshold": 0.0, "version": "bench"}))
-    compute = direct_compute(args, images, args.requests, args.warmup)
+    compute, eager = direct_compute(args, images, args.requests, args.warmup)
     results: dict[str, object] = {"machine": machine(), "device": args.device, "checkpoint": str(args.checkpoint),
                                   "edge_level": args.level,
                                   "torch_threads": args.threads, "requests": args.requests,
-                                  "edge_compute_ms": percentiles(compute), "runs": []}
-    for max_wait in args.max_wait_ms:
+                                  "edge_compute_ms": percentiles(compute), "edge_compute_float_ms": percentiles(eager),
+                                  "runs": []}
+    for max_wait in ([] if args.compute_only else args.max_wait_ms):
         proc, address = start_router(args, max_wait, thresholds, tmp / f"router-{max_wait}.log")
         try:
             client, edge = through_router(address, images, args.requests, args.warmup)
@@ -169,7 +179,8 @@ def table(results: dict[str, object]) -> str:
     lines = [f"machine: {m['cpu']} ({m['cores']} cores), {m['platform']}; torch threads {results['torch_threads']}; "
              f"edge device {m.get('gpu') or results.get('device', 'cpu')}",
              f"edge compute alone (EdgeWorker.classify_batch, 1 image): p50 {compute['p50']:.2f} ms, "
-             f"p99 {compute['p99']:.2f} ms",
+             f"p99 {compute['p99']:.2f} ms; float32 images (eager path): p50 "
+             f"{results['edge_compute_float_ms']['p50']:.2f} ms",
              f"{'max wait':>9} | {'client p50':>10} | {'client p99':>10} | {'edge_ms p50':>11} | "
              f"{'client-edge p50':>15} | {'client-edge p99':>15} | {'added p50':>9}"]
     for r in results["runs"]:
@@ -192,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the edge worker (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, nargs="+", default=[0.0, 2.0],
                    help="router --max-wait-ms values to run (default %(default)s)")
+    p.add_argument("--compute-only", action="store_true", help="only the edge worker's own compute (no router, no Ray)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import matmamba
-from matmamba.cuda_graphs import DecodeGraphs, ForwardGraphs
+from matmamba.cuda_graphs import BucketedForward, DecodeGraphs, ForwardGraphs, graph_buckets
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
 from proto import matmamba_pb2 as pb
@@ -42,19 +42,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # CUDA-graph decode slots per served width: concurrent generations beyond this wait for a free one
 # (the GPU runs their steps one after another anyway). All are captured at warm-up.
 DECODE_SLOTS = 4
-
-
-def graph_buckets(max_batch: int) -> tuple[int, ...]:
-    """Batch sizes the CUDA-graph classify path captures: powers of two below max_batch, and max_batch.
-
-    A batch of n images runs in the smallest bucket >= n (the extra rows compute and are dropped).
-    """
-    sizes = {max_batch}
-    size = 1
-    while size < max_batch:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))
 
 
 @dataclass(frozen=True)
@@ -114,7 +101,7 @@ class ModelRunner:
         self._decode_graphs = DecodeGraphs(model, autocast_dtype=autocast_dtype, slots_per_key=DECODE_SLOTS) \
             if self.cuda_graphs and self.is_lm else None
         self.buckets = graph_buckets(max_batch)
-        self._pinned: dict[tuple, torch.Tensor] = {}  # reusable page-locked host buffers by (shape, dtype)
+        self._bucketed = BucketedForward(self.classify_graphs, max_batch) if self.classify_graphs is not None else None
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, width: int | None = None, device: str = "auto",
@@ -166,12 +153,6 @@ class ModelRunner:
         logits = self.model(self.prepare_images(images), widths=width)
         return logits.float().softmax(-1)
 
-    def _pinned_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        buf = self._pinned.get((shape, dtype))
-        if buf is None:
-            buf = self._pinned[(shape, dtype)] = torch.empty(shape, dtype=dtype, pin_memory=True)
-        return buf
-
     def _graphable(self, payloads: Sequence[np.ndarray]) -> bool:
         cfg = self.config
         return (self.classify_graphs is not None and all(p.dtype == np.uint8 for p in payloads)
@@ -187,15 +168,8 @@ class ModelRunner:
         """
         sizes = [p.shape[0] for p in payloads]
         n = sum(sizes)
-        if self._graphable(payloads) and n <= self.buckets[-1]:
-            bucket = next(b for b in self.buckets if b >= n)
-            host_in = self._pinned_buffer((bucket, *payloads[0].shape[1:]), torch.uint8)
-            np.concatenate(payloads, out=host_in.numpy()[:n])
-            probs = self.classify_graphs(key.width, host_in)  # (bucket, classes) on the device
-            host_out = self._pinned_buffer(tuple(probs.shape), torch.float32)
-            host_out.copy_(probs, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            return _split(host_out.numpy()[:n].copy(), sizes)
+        if self._graphable(payloads) and self._bucketed.fits(n):
+            return _split(self._bucketed(key.width, list(payloads)), sizes)
         x = torch.cat([torch.from_numpy(p) for p in payloads]).to(self.device)  # (sum n_i, C, H, W)
         with self.autocast():
             probs = self._classify_probs(key.width, x)

@@ -6,6 +6,7 @@ step (or of a whole forward) with one launch, so narrow widths stop paying Pytho
 
     forward = ForwardGraphs(lambda width, x: model(x, widths=width).softmax(-1))
     probs = forward(192, images)    # one graph per (key, shape, dtype); the result is the graph's buffer
+    rows = BucketedForward(forward, max_batch=32)(192, [host_images])  # host arrays in, host rows out
 
 Decoding: each (widths, batch) gets a recurrent cache allocated once and a graph of one
 `model.step` on it. The prompt runs through the eager parallel forward into that cache, then
@@ -24,6 +25,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backbone import InferenceCache, WidthSpec
@@ -208,3 +210,50 @@ class ForwardGraphs:
         entry.input.copy_(x, non_blocking=True)
         entry.graph.replay()
         return entry.output
+
+
+def graph_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a bucketed graph path captures: powers of two below max_batch, and max_batch.
+
+    A batch of n rows runs in the smallest bucket >= n (the extra rows compute and are dropped).
+    """
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+class BucketedForward:
+    """Host batches of up to ``max_batch`` rows through ``graphs`` at bucket sizes (:func:`graph_buckets`).
+
+    One call: the payloads are concatenated into a reused page-locked buffer of the smallest bucket
+    that holds them, copied to the GPU once, replayed once, and the first n output rows copied
+    back. Not thread-safe (as ForwardGraphs).
+    """
+
+    def __init__(self, graphs: ForwardGraphs, max_batch: int) -> None:
+        self.graphs, self.buckets = graphs, graph_buckets(max_batch)
+        self._pinned: dict[tuple, torch.Tensor] = {}  # page-locked host buffers by (shape, dtype)
+
+    def fits(self, rows: int) -> bool:
+        return rows <= self.buckets[-1]
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._pinned.get((shape, dtype))
+        if buf is None:
+            buf = self._pinned[(shape, dtype)] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return buf
+
+    def __call__(self, key: Hashable, payloads: list[np.ndarray]) -> np.ndarray:
+        """``payloads`` (n_i, ...) of one dtype and row shape -> the graph's output rows (sum n_i, ...) on the host."""
+        n = sum(p.shape[0] for p in payloads)
+        bucket = next(b for b in self.buckets if b >= n)
+        host_in = self._buffer((bucket, *payloads[0].shape[1:]), torch.from_numpy(payloads[0][:0]).dtype)
+        np.concatenate(payloads, out=host_in.numpy()[:n])
+        out = self.graphs(key, host_in)
+        host_out = self._buffer(tuple(out.shape), out.dtype)
+        host_out.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(out.device).synchronize()
+        return host_out.numpy()[:n].copy()

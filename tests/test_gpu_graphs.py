@@ -1,4 +1,5 @@
-"""GPU: CUDA-graph decoding gives the eager tokens; the graphed classify path gives the eager answers.
+"""GPU: CUDA-graph decoding gives the eager tokens; the graphed classify paths (cloud runner, edge worker) give
+the eager answers.
 
 Run on the device with `pytest -m gpu tests/test_gpu_graphs.py`.
 """
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from cloud.batcher import BatchKey
-from cloud.runner import ModelRunner, graph_buckets
+from cloud.runner import ModelRunner
+from edge.worker import EdgeWorker
 from matmamba import kernels
-from matmamba.cuda_graphs import DecodeGraphs
+from matmamba.cuda_graphs import DecodeGraphs, graph_buckets
+from matmamba.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
 from proto.validate import GenerateInputs
 
 from .conftest import small_lm, small_vision
@@ -125,6 +128,20 @@ def test_runner_graphed_classify_equals_eager() -> None:
     # float32 (pre-normalised) images take the eager path and still answer
     floats = [rng.standard_normal((3, 1, 28, 28)).astype(np.float32)]
     assert graphed.classify_batch(BatchKey("Classify", 64, (1, 28, 28)), floats)[0].shape == (3, 10)
+
+
+def test_edge_worker_graphed_classify_equals_eager(tmp_path) -> None:
+    small_vision(n_layer=2).save_pretrained(tmp_path)
+    worker = EdgeWorker(tmp_path, 2, max_batch=16, device="cuda")
+    assert worker._graphs is not None and len(worker._graphs.graphs) == len(graph_buckets(16))  # captured at start
+    rng = np.random.default_rng(0)
+    for sizes in ([1], [2, 1], [5, 3, 8]):
+        images = [rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8) for n in sizes]
+        normalised = [((x / 255.0 - FMNIST_MEAN) / FMNIST_STD).astype(np.float32) for x in images]  # eager path
+        got, want = worker.classify_batch(0, images), worker.classify_batch(0, normalised)
+        assert [g.shape for g in got] == [(n, 10) for n in sizes]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-2)  # both bf16 autocast; the input rounds differently
 
 
 def test_runner_graphed_generate_equals_eager() -> None:

@@ -516,12 +516,20 @@ def test_metrics_endpoint_counts_requests_by_method_and_code(vision: ServerThrea
     with pytest.raises(grpc.RpcError):
         vision.stub.Classify(pb.ClassifyRequest(), timeout=RPC_TIMEOUT)
     url = f"http://127.0.0.1:{vision.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
 
     def value(pattern: str) -> float:
         match = re.search(pattern + r" ([0-9.e+]+)", text)
         assert match, f"{pattern} not in /metrics"
         return float(match.group(1))
+
+    # A refused RPC's status reaches the client before its handler's bookkeeping (the in-flight
+    # gauge) finishes on the server: read until that settles, for at most 5 s.
+    deadline = time.monotonic() + 5.0
+    while True:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if value(r'matmamba_cloud_inflight_requests\{method="Classify"\}') == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     assert value(r'matmamba_cloud_requests_total\{code="OK",method="Classify"\}') >= 3
     assert value(r'matmamba_cloud_requests_total\{code="INVALID_ARGUMENT",method="Classify"\}') >= 1

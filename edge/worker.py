@@ -158,10 +158,16 @@ class EdgeWorker:
             return self.classify_batch(key[1], payloads)
         return self.score_batch(key[1], key[3], payloads)
 
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the model's normalised float input; float input is taken as normalised already."""
+        if images.dtype != torch.uint8:
+            return images
+        mean, std = self._mean_std
+        return (images.float() / 255.0 - mean) / std
+
     def _classify_probs(self, width: int, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (n, C, H, W) on the device -> probabilities (n, classes) float32 (what the graphs capture)."""
-        mean, std = self._mean_std
-        return self.model((images.float() / 255.0 - mean) / std, widths=width).float().softmax(-1)
+        return self.model(self._normalise(images), widths=width).float().softmax(-1)
 
     @torch.inference_mode()
     def classify_batch(self, width: int, payloads: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -171,10 +177,7 @@ class EdgeWorker:
                 and self._graphs.fits(int(sum(p.shape[0] for p in payloads))):
             return np.split(self._graphs(self._width(width), list(payloads)), splits)
         # Arrays that came through Ray's object store are read-only: copy those (torch needs writable memory).
-        parts = [torch.from_numpy(np.require(p, requirements="CW")).to(self.device) for p in payloads]
-        if self._mean_std is not None:
-            mean, std = self._mean_std
-            parts = [(x.float() / 255.0 - mean) / std if x.dtype == torch.uint8 else x for x in parts]
+        parts = [self._normalise(torch.from_numpy(np.require(p, requirements="CW")).to(self.device)) for p in payloads]
         with self._autocast():
             logits = self.model(torch.cat(parts), widths=self._width(width))  # (sum n_i, classes)
         probs = logits.float().softmax(-1).cpu().numpy()

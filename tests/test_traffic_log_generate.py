@@ -20,12 +20,12 @@ import pytest
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
-from router.server import RouterConfig, RouterThread
+from router.server import RouterConfig
 from router.traffic_log import log_files
 from router.tune import main as tune_main
 
 from .test_router_integration import EDGE_LEVEL, LM, cloud_process, wait_until
-from .test_traffic_log_router import Setup
+from .test_traffic_log_router import Setup, serving
 
 THRESHOLD = -1.7  # mean_token_logprob: escalates some segments of these prompts (as in test_router_integration)
 PROMPTS = ["It is a truth universally acknowledged", "Emma Woodhouse, handsome, clever, and rich",
@@ -43,15 +43,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     config = RouterConfig(checkpoint=LM, edge_level=EDGE_LEVEL, cloud=(cloud.address,), port=0, metrics_port=None,
                           deadline_ms=5000, health_interval_ms=200, thresholds=thresholds, traffic_log=tmp / "log",
                           log_inputs=True, grace_s=1.0)
-    router = RouterThread(config)
-    try:
-        request.getfixturevalue("ray_cluster")
-        cloud.wait_serving()
-        router.start()
-        yield Setup(cloud, router, tmp / "log", thresholds, tmp)
-    finally:
-        router.stop()
-        cloud.kill()
+    yield from serving(request, cloud, config, tmp)
 
 
 def _records(directory: Path) -> list[dict]:

@@ -53,6 +53,19 @@ class Setup:
         return scrape(self.router.server.metrics_port)
 
 
+def serving(request: pytest.FixtureRequest, cloud: Process, config: RouterConfig, tmp: Path) -> Iterator[Setup]:
+    """Start the router of ``config`` once Ray and ``cloud`` (started) are up; yield the Setup; stop both."""
+    router = RouterThread(config)
+    try:
+        request.getfixturevalue("ray_cluster")
+        cloud.wait_serving()
+        router.start()
+        yield Setup(cloud, router, config.traffic_log, config.thresholds, tmp)
+    finally:
+        router.stop()
+        cloud.kill()
+
+
 @pytest.fixture(scope="module")
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("traffic")
@@ -65,15 +78,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                           deadline_ms=5000, health_interval_ms=200, max_wait_ms=0, thresholds=thresholds,
                           thresholds_poll_ms=100, traffic_log=tmp / "log", shadow_rate=0.5,
                           shadow_max_inflight=SHADOW_CAP, grace_s=1.0)
-    router = RouterThread(config)
-    try:
-        request.getfixturevalue("ray_cluster")
-        cloud.wait_serving()
-        router.start()
-        yield Setup(cloud, router, tmp / "log", thresholds, tmp)
-    finally:
-        router.stop()
-        cloud.kill()
+    yield from serving(request, cloud, config, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ in-flight RPCs drain for up to ``--grace`` seconds, actors are stopped, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -355,5 +356,6 @@ class RouterThread:
         """Drain (up to ``grace_s``) and stop the router; returns when its thread ended."""
         self._grace = grace_s
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # its loop already closed: the thread is ending by itself
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=grace_s + 30)

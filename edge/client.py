@@ -12,8 +12,9 @@ No torch here (a test checks it): an edge device needs grpcio, numpy and, for im
         print(client.info().task)                   # "vision" or "lm"
 
 Errors of the router arrive as :class:`RouterError` with the gRPC status code and its message.
-A call the router answers UNAVAILABLE (restarting, draining, not reachable yet) is retried with
-exponential backoff, at most ``retry.attempts`` times and never past the call's deadline
+A call the router answers UNAVAILABLE (restarting, draining, not reachable yet) or CANCELLED (a
+call that reached a router as it shut down, before a handler took it: grpc/grpc#41785) is retried
+with exponential backoff, at most ``retry.attempts`` times and never past the call's deadline
 (``timeout_s`` covers every attempt); a generation only before its first chunk arrived.
 ``security=ChannelSecurity(ca=..., token=...)`` dials with TLS / mutual TLS / a bearer token
 (docs/SECURITY.md).
@@ -74,7 +75,10 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# CANCELLED: this client never cancels a call it retries, so the code comes from a server that shut
+# down with the call received but not yet handled (grpc-core reports those CANCELLED, grpc/grpc#41785);
+# every RPC retried here is idempotent, and a stream is retried only before its first chunk.
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""edge/: the client SDK and CLI stay torch-free; image loading; the CLI's rows, summary and tier marks."""
+"""edge/: the client SDK and CLI stay torch-free; image loading; the CLI's rows, summary and tier marks;
+the client's retries against a real gRPC server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
 from edge.__main__ import ClassifyRow, build_parser, format_row, summarize
-from edge.client import Prediction, Served
+from edge.client import EdgeClient, Prediction, RetryPolicy, RouterError, Served
 from edge.images import as_batch, expand_paths, load_image_file, load_images
 from edge.streaming import TierWriter
+from proto import matmamba_pb2 as pb
+from proto import matmamba_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +103,54 @@ def test_cli_arguments() -> None:
     assert args.images == ["a.png", "dir/"] and args.router == "10.0.0.2:50052"
     args = build_parser().parse_args(["generate", "Hello", "--max-tokens", "5"])
     assert (args.prompt, args.max_tokens, args.router) == ("Hello", 5, "127.0.0.1:50052")
+
+
+class ScriptedInfo(pb_grpc.InferenceServicer):
+    """ModelInfo fails with the scripted codes in turn, then answers."""
+
+    def __init__(self, codes: list[grpc.StatusCode]) -> None:
+        self.codes, self.calls = list(codes), 0
+
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoReply:
+        self.calls += 1
+        if self.codes:
+            context.abort(self.codes.pop(0), "scripted failure")
+        return pb.ModelInfoReply(task=pb.VISION, d_model=48, served_level=2)
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[ScriptedInfo, str]]:
+    servicer = ScriptedInfo([])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+FAST = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
+
+
+def test_client_retries_unavailable_and_cancelled(scripted: tuple[ScriptedInfo, str]) -> None:
+    servicer, address = scripted
+    servicer.codes = [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED]
+    with EdgeClient(address, retry=FAST, timeout_s=10) as client:
+        info = client.info()
+    assert (info.task, info.d_model, info.edge_level) == ("vision", 48, 2)
+    assert servicer.calls == 4
+
+
+def test_client_gives_up_after_its_attempts_and_never_retries_bad_input(scripted: tuple[ScriptedInfo, str]) -> None:
+    servicer, address = scripted
+    servicer.codes = [grpc.StatusCode.UNAVAILABLE] * 5
+    with EdgeClient(address, retry=FAST, timeout_s=10) as client, pytest.raises(RouterError) as err:
+        client.info()
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and servicer.calls == FAST.attempts
+    servicer.codes, servicer.calls = [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE], 0
+    with EdgeClient(address, retry=FAST, timeout_s=10) as client, pytest.raises(RouterError) as err:
+        client.info()
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "scripted failure" in err.value.details
+    assert servicer.calls == 1

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import matmamba
-from matmamba.cuda_graphs import BucketedForward, DecodeGraphs, ForwardGraphs, graph_buckets
+from matmamba.cuda_graphs import BucketedForward, ChunkGraphs, DecodeGraphs, ForwardGraphs, graph_buckets
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
 from proto import matmamba_pb2 as pb
@@ -42,6 +42,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # CUDA-graph decode slots per served width: concurrent generations beyond this wait for a free one
 # (the GPU runs their steps one after another anyway). All are captured at warm-up.
 DECODE_SLOTS = 4
+# Speculative verification reads the pending token plus k drafts from a session's cache: CUDA graphs of
+# those chunk lengths (drafts up to 16) are captured at warm-up for the default width; others run eager.
+VERIFY_GRAPH_LENGTHS = range(1, 18)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class ModelRunner:
             if self.cuda_graphs and not self.is_lm else None
         self._decode_graphs = DecodeGraphs(model, autocast_dtype=autocast_dtype, slots_per_key=DECODE_SLOTS) \
             if self.cuda_graphs and self.is_lm else None
+        self.chunk_graphs = ChunkGraphs(model, autocast_dtype=autocast_dtype) if self.cuda_graphs and self.is_lm \
+            else None
         self.buckets = graph_buckets(max_batch)
         self._bucketed = BucketedForward(self.classify_graphs, max_batch) if self.classify_graphs is not None else None
 
@@ -230,7 +235,7 @@ class ModelRunner:
 
         Vision: batches of 1 and of max_batch images (on CUDA: every graph bucket); LM: one Score of
         WARMUP_TOKENS tokens and a WARMUP_NEW_TOKENS-token greedy generation (on CUDA: DECODE_SLOTS decode
-        graphs captured per served width).
+        graphs captured per served width, and a verification graph per VERIFY_GRAPH_LENGTHS chunk length).
         """
         width = self.limits.default_width
         if self.is_lm:
@@ -241,6 +246,9 @@ class ModelRunner:
             if self._decode_graphs is not None:  # every graph now: a capture must not overlap other GPU work
                 for w in self.widths:
                     self._decode_graphs.warmup(1, widths=w, slots=DECODE_SLOTS)
+            if self.chunk_graphs is not None:
+                spec = self.model.backbone.resolve_widths(widths=width)
+                self.chunk_graphs.warmup(spec, VERIFY_GRAPH_LENGTHS)
         else:
             cfg = self.config
             batches = self.buckets if self.cuda_graphs else sorted({1, self.limits.max_batch})

@@ -13,6 +13,10 @@ sequence except the last one, the *pending* token. One Verify:
    distribution at the first rejection, or from row k (a bonus token) when all k were accepted;
 3. rolls the state back to "after d_n" (``cache.rewind(n + 1)``) and makes x the new pending token.
 
+On CUDA the pass is a CUDA-graph replay (``matmamba.cuda_graphs.ChunkGraphs``, one graph per chunk
+length captured at warm-up): eager, a k + 1 token forward is launch-bound, several times the cost of
+the one graph-replayed decode step that cloud-only decoding pays per token.
+
 Rollback uses what the verification pass recorded (``keep_states``), not a second pass: per layer
 the scan's inputs for the chunk (x, dt, B: a few KB for k + 1 tokens), the conv window and the SSM
 state before the chunk. ``cache.rewind(n + 1)`` computes the one state it needs in closed form
@@ -180,8 +184,12 @@ class Verifier:
         start, runner = time.perf_counter(), self.runner
         ids = torch.from_numpy(np.concatenate([[session.pending], draft]).astype(np.int64))[None]
         ids = ids.to(runner.device)  # (1, k+1)
-        with runner.autocast():
-            logits = runner.model(ids, cache=session.cache, keep_states=True)[0].float()  # (k+1, V)
+        graphs = runner.chunk_graphs
+        if graphs is not None and graphs.captured(session.cache.widths, 1, ids.shape[1]):
+            logits = graphs(ids, session.cache)[0].float()  # (k+1, V); the graph runs its own autocast
+        else:
+            with runner.autocast():
+                logits = runner.model(ids, cache=session.cache, keep_states=True)[0].float()
         self.passes += 1
         q = None if draft_probs is None else torch.from_numpy(draft_probs).to(runner.device)
         n, token = accept_drafts(logits, ids[0, 1:], q, session.params, session.generator)

@@ -7,6 +7,8 @@ step (or of a whole forward) with one launch, so narrow widths stop paying Pytho
     forward = ForwardGraphs(lambda width, x: model(x, widths=width).softmax(-1))
     probs = forward(192, images)    # one graph per (key, shape, dtype); the result is the graph's buffer
     rows = BucketedForward(forward, max_batch=32)(192, [host_images])  # host arrays in, host rows out
+    chunks = ChunkGraphs(model)
+    logits = chunks(ids, cache)     # = model(ids, cache=cache, keep_states=True), one launch; cache.rewind works
 
 Decoding: each (widths, batch) gets a recurrent cache allocated once and a graph of one
 `model.step` on it. The prompt runs through the eager parallel forward into that cache, then
@@ -172,6 +174,77 @@ class DecodeGraphs:
         if not new:
             return input_ids
         return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
+
+
+# ---------------------------------------------------------------- short chunks read from a cache
+
+
+@dataclass
+class _ChunkSlot:
+    cache: InferenceCache  # the graph's own cache: a caller's state is copied in before each replay
+    ids: torch.Tensor  # (batch, length) int64
+    logits: torch.Tensor  # (batch, length, vocab): written by each replay
+    graph: torch.cuda.CUDAGraph
+
+
+class ChunkGraphs:
+    """``model(ids, cache=cache, keep_states=True)`` captured per (widths, batch, length) and replayed after.
+
+    For speculative verification: each round reads a short chunk (the pending token and k drafts) from a
+    session's cache, a forward pass of a few hundred kernels that is launch-bound on a GPU. A replay
+    copies the session's state into the graph's cache (a few small copies per layer), replays, copies
+    the new state back and hands the session the traces the graph's cache recorded, so that
+    ``cache.rewind(n)`` works as after the eager call. Those traces and the returned logits are the
+    graph's buffers: use them (rewind, sample) before the next call. Not thread-safe: call from one
+    thread; capture while no other thread uses the GPU (``warmup`` at start-up). ``capture_fn`` is
+    :func:`capture` (tests pass an eager stand-in).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
+                 capture_fn: Callable[..., tuple] = capture) -> None:
+        self.model, self.autocast_dtype, self._capture = model, autocast_dtype, capture_fn
+        self._slots: dict[tuple[tuple[int, ...], int, int], _ChunkSlot] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def captured(self, widths: tuple[int, ...], batch: int, length: int) -> bool:
+        """Whether a call with this cache and chunk shape replays a graph captured earlier."""
+        return (widths, batch, length) in self._slots
+
+    @torch.inference_mode()
+    def _slot(self, widths: tuple[int, ...], batch: int, length: int) -> _ChunkSlot:
+        slot = self._slots.get((widths, batch, length))
+        if slot is None:
+            device = self.model.lm_head.weight.device
+            cache = self.model.backbone.allocate_cache(batch, widths, device)
+            ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
+            graph, logits = self._capture(lambda: self.model(ids, cache=cache, keep_states=True),
+                                          self.autocast_dtype)
+            slot = self._slots[(widths, batch, length)] = _ChunkSlot(cache, ids, logits, graph)
+        return slot
+
+    def warmup(self, widths: tuple[int, ...], lengths: range, batch: int = 1) -> None:
+        """Capture a graph per chunk length ahead of the first requests."""
+        for length in lengths:
+            self._slot(widths, batch, length)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """ids (batch, length) on the model's device -> logits (batch, length, vocab); updates ``cache``."""
+        batch, length = ids.shape
+        slot = self._slot(cache.widths, batch, length)
+        for static, state in zip(slot.cache.states, cache.states):
+            static.conv.copy_(state.conv)
+            static.ssm.copy_(state.ssm)
+        slot.ids.copy_(ids)
+        slot.graph.replay()
+        for static, state in zip(slot.cache.states, cache.states):
+            state.conv.copy_(static.conv)
+            state.ssm.copy_(static.ssm)
+            state.trace = static.trace
+        cache.seqlen += length
+        return slot.logits
 
 
 # ---------------------------------------------------------------- whole forwards

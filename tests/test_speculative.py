@@ -8,15 +8,17 @@ tested end to end in tests/test_speculative_e2e.py.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cloud.runner import ModelRunner
+from cloud.runner import VERIFY_GRAPH_LENGTHS, ModelRunner
 from cloud.speculative import Verifier, accept_drafts
 from matmamba import MatMambaLM, load_model
+from matmamba.cuda_graphs import ChunkGraphs
 from matmamba.generation import SamplingParams, sample_next, sampling_probs
 from matmamba.kernels import ssd_state_after
 from proto.validate import GenerateInputs
@@ -153,6 +155,50 @@ def test_greedy_speculative_output_equals_greedy_decoding(austen: ModelRunner, l
     assert verifier.passes == sum(len(p) > 1 for p in prompts) + total_rounds
 
 
+def _eager_capture(fn, autocast_dtype=None) -> tuple:
+    """A CUDA graph's contract without CUDA: one call now, and each replay rewrites that call's output tensor."""
+    out = fn()
+    return types.SimpleNamespace(replay=lambda: out.copy_(fn())), out
+
+
+def test_chunk_graphs_replay_equals_the_eager_traced_forward() -> None:
+    """The graph path's bookkeeping: the session's state goes in, the new state and traces come back."""
+    model = small_lm(seed=3)
+    graphs = ChunkGraphs(model, capture_fn=_eager_capture)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, ref = model.allocate_cache(1, 2), model.allocate_cache(1, 2)
+        model(ids[:, :6], cache=ours)
+        model(ids[:, :6], cache=ref)
+        pos = 6
+        for length, keep in ((4, 2), (4, 4), (1, 1), (6, 3), (4, 1)):
+            chunk = ids[:, pos:pos + length]
+            got = graphs(chunk, ours).clone()
+            torch.testing.assert_close(got, model(chunk, cache=ref, keep_states=True))
+            ours.rewind(keep)
+            ref.rewind(keep)
+            assert ours.seqlen == ref.seqlen
+            for mine, other in zip(ours.states, ref.states):
+                torch.testing.assert_close(mine.conv, other.conv)
+                torch.testing.assert_close(mine.ssm, other.ssm)
+            pos += keep
+    assert len(graphs) == 3  # one per chunk length, reused after
+    assert graphs.captured(ours.widths, 1, 6) and not graphs.captured(ours.widths, 1, 5)
+
+
+def test_verifier_through_chunk_graphs_gives_greedy_decoding(austen: ModelRunner) -> None:
+    model = austen.model
+    runner = ModelRunner(model, torch.device("cpu"), precision="fp32")
+    runner.chunk_graphs = ChunkGraphs(model, capture_fn=_eager_capture)
+    runner.chunk_graphs.warmup(model.backbone.resolve_widths(), range(1, 5))  # drafts of k <= 3 replay
+    verifier = Verifier(runner)
+    for i, prompt in enumerate(_prompts(model, 4)):
+        ref = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0, len(prompt):].tolist()
+        got, _, _ = speculate(verifier, prompt, 16, model.config.d_model // 2, k=2 + i)  # k = 5: the eager path
+        assert got == ref, f"prompt {i}"
+    assert len(runner.chunk_graphs) == 4  # no capture outside warm-up
+
+
 # ------------------------------------------------------------------ sampling
 
 
@@ -276,3 +322,19 @@ def test_cuda_greedy_speculative_output_equals_greedy_decoding() -> None:
         ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
         got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 4, k=2 + i % 5)
         assert got == ref, f"prompt {i}"
+    assert len(verifier.runner.chunk_graphs) == 0  # not warmed up: every round ran eager
+
+
+@pytest.mark.gpu
+def test_cuda_verification_graphs_equal_eager_verification() -> None:
+    """Verify through the graphs captured at warm-up: the same tokens as greedy decoding, and the rounds replay."""
+    model = load_model(LM, device=torch.device("cuda"))
+    runner = ModelRunner(model, torch.device("cuda"), precision="fp32")
+    runner.warmup()
+    assert len(runner.chunk_graphs) == len(VERIFY_GRAPH_LENGTHS)
+    verifier = Verifier(runner)
+    for i, prompt in enumerate(_prompts(model, 8)):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
+        got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 2, k=1 + i % 8)
+        assert got == ref, f"prompt {i}"
+    assert len(runner.chunk_graphs) == len(VERIFY_GRAPH_LENGTHS)

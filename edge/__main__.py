@@ -29,15 +29,14 @@ from proto.security import add_channel_security_flags, channel_security_from_arg
 
 from . import demo
 from .client import DEFAULT_ROUTER, EdgeClient, Prediction, RouterError
-from .images import load_images
+from .images import expand_paths, load_images
 from .streaming import stream_generation
 
 log = logging.getLogger("edge")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: classify, generate and info, each with --router and --timeout."""
+    """The CLI: classify, generate, info and demo, each with --router, --timeout and the TLS / token flags."""
     p = argparse.ArgumentParser(prog="python -m edge", description="Call a MatMamba router from an edge device.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="classify images through the router")
@@ -111,9 +110,10 @@ def summarize(rows: list[ClassifyRow]) -> str:
 
 def run_classify(args: argparse.Namespace, out: TextIO) -> int:
     """Classify every image (one request each, --concurrency in flight); exit 1 if any failed."""
+    files = expand_paths(args.images)  # a missing file is said before the router is called
     with connect(args) as client:
         size = client.info().image_size or None
-        items = load_images(args.images, size=size)
+        items = load_images(files, size=size)
         width = min(max(len(name) for name, _ in items), 60)
         rows: list[ClassifyRow] = []
         with ThreadPoolExecutor(max(1, args.concurrency)) as pool:
@@ -152,7 +152,12 @@ def run_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors are logged and give exit status 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if getattr(args, "concurrency", 1) < 1:
+        parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"classify": run_classify, "generate": run_generate, "info": run_info, "demo": run_demo}
     try:

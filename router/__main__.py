@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from proto.security import (
     server_security_from_args,
 )
 
-from .ray_setup import apply_ray_env, init_ray
+from .ray_setup import TEMP_PREFIX, apply_ray_env, init_ray
 
 apply_ray_env()  # before .server imports ray, which reads part of its environment at import
 from .server import RouterConfig, serve  # noqa: E402
@@ -24,6 +25,9 @@ from .thresholds import parse_levels  # noqa: E402
 log = logging.getLogger("router")
 
 DEFAULTS = RouterConfig(checkpoint=Path("."), edge_level=1, cloud=())
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_PORT = 65535
+RAY_CONNECT_TIMEOUT_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RPCs served at once; more are answered RESOURCE_EXHAUSTED (default %(default)s = no limit)")
     add_server_security_flags(p)
     add_channel_security_flags(p, prefix="cloud-", what="the cloud replicas")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default %(default)s)")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
+                   help=f"{', '.join(LOG_LEVELS)} (default %(default)s)")
     return p
 
 
@@ -120,20 +125,52 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         security=server_security_from_args(args), cloud_security=channel_security_from_args(args, "cloud-"))
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, a path through a file
+        return False
+
+
+def _answers(address: str) -> bool:
+    """Whether a TCP connection to HOST:PORT opens (True for forms other than HOST:PORT: Ray judges those)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            return True
+    except (OSError, OverflowError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start or join Ray, serve until SIGTERM/SIGINT, drain; exit 0, or 1 when it cannot serve."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag, port, lowest in (("--port", args.port, 0), ("--metrics-port", args.metrics_port, -1)):
+        if not lowest <= port <= MAX_PORT:  # grpc would silently take the port modulo 65536
+            parser.error(f"{flag} must be in {lowest}..{MAX_PORT}, got {port}")
     try:
         config = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     if not config.checkpoint.is_dir():
         parser.error(f"--checkpoint {config.checkpoint} is not a directory")
+    if config.thresholds is not None and not _is_file(config.thresholds):  # said before Ray starts, not after
+        parser.error(f"--thresholds {config.thresholds} is not a file; write one with `python -m router.tune`")
+    if args.ray_address and not _answers(args.ray_address):  # Ray itself would retry for minutes
+        parser.error(f"--ray-address {args.ray_address}: nothing answers there; start Ray there first, or leave "
+                     "the flag out and the router starts a private cluster")
     import ray
 
-    info = init_ray(args.ray_address or None)
+    try:
+        info = init_ray(args.ray_address or None)
+    except Exception as err:  # Ray's start-up errors have no common type (RuntimeError, ConnectionError, ...)
+        log.error("cannot start Ray: %s; its logs are under the newest /tmp/%s* directory (common causes: a full "
+                  "/tmp, a small /dev/shm in a container)", err, TEMP_PREFIX)
+        return 1
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, RuntimeError) as err:  # a bad checkpoint or thresholds file, a port in use

@@ -14,12 +14,15 @@ rate's own 95% interval lies outside that band (all time, and for the items sinc
 reading), or when the router's drift gauge is up. With shadow escalation on (router
 --shadow-rate) it also shows the estimated edge/cloud agreement on kept items with its 95% Wilson
 interval.
-Exit status: 0, or 1 when the endpoint cannot be read, or 4 with `--once` when it says DRIFT.
+Exit status: 0, or 1 when the endpoint cannot be read, 2 for bad arguments (a missing or
+bandless --thresholds file), or 4 with `--once` when it says DRIFT.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import math
 import time
 import urllib.request
@@ -198,22 +201,40 @@ def scrape(url: str, timeout: float) -> Snapshot:
         return parse(response.read().decode())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router.monitor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--metrics", required=True, help="the router's /metrics URL")
-    p.add_argument("--thresholds", type=Path, default=None, help="thresholds file from router.tune (for the band)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    p.add_argument("--metrics", required=True, help="the router's /metrics URL, e.g. http://127.0.0.1:9100/metrics")
+    p.add_argument("--thresholds", type=Path, default=None,
+                   help="thresholds file from router.tune (for the band; default: the band the router publishes)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between readings (default %(default)s)")
     p.add_argument("--once", action="store_true", help="one reading, then exit (4 on DRIFT)")
-    p.add_argument("--count", type=int, default=0, help="stop after N readings (0 = until interrupted)")
+    p.add_argument("--count", type=int, default=0, help="stop after N readings (default 0: until interrupted)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    band = expected_band(args.thresholds) if args.thresholds else None
+    if "://" not in args.metrics:
+        p.error(f"--metrics takes a URL such as http://{args.metrics}/metrics, got {args.metrics!r}")
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        p.error(f"--interval must be a positive number of seconds, got {args.interval}")
+    if args.count < 0:
+        p.error(f"--count must be 0 (until interrupted) or more, got {args.count}")
+    try:
+        band = expected_band(args.thresholds) if args.thresholds else None
+    except json.JSONDecodeError as err:
+        p.error(f"--thresholds {args.thresholds} is not JSON ({err}); give a file written by `python -m router.tune`")
+    except (OSError, ValueError, TypeError, KeyError) as err:  # missing, no or a malformed band
+        p.error(f"--thresholds {args.thresholds}: {err}")
     console, previous, done = Console(), None, 0
     while True:
         try:
             snap = scrape(args.metrics, timeout=max(1.0, args.interval))
-        except OSError as err:
-            console.print(f"[red]cannot read {args.metrics}: {err}[/]; is the router running with --metrics-port?")
+        except (OSError, ValueError, http.client.HTTPException) as err:  # no answer, a bad URL, not Prometheus text
+            console.print(f"[red]cannot read {args.metrics}: {err}[/]; is the router running with --metrics-port?",
+                          markup=True, highlight=False)
             return 1
         shown = band or snap.router_band
         console.print(render(snap, previous, shown))

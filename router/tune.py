@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from matmamba.devices import resolve_device
+
 from .confidence import LM, VISION
 from .thresholds import Stage, Thresholds, ThresholdsError, parse_levels, parse_thresholds
 from .tune_data import TASK_MEASURES, Records, lm_records, load_image_dir, text_contexts, vision_records
@@ -73,7 +75,9 @@ ALL_MEASURES = TASK_MEASURES[VISION] + TASK_MEASURES[LM]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m router.tune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Re-tuning from the router's traffic log takes other flags: "
+                                       "python -m router.tune --from-log DIR --help")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (the one the router serves)")
     p.add_argument("--edge-level", required=True,
                    help="edge nesting level (width d_model / K), or a chain of levels such as 8,2")
@@ -96,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-tokens", type=int, default=8,
                    help="LM: tokens per segment, as the router's --segment-tokens (8)")
     p.add_argument("--stride", type=int, default=32, help="LM: tokens between the starts of contexts (32)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--cache", type=Path, help="directory keeping the models' outputs per data set and level, so "
                                               "re-tuning (another target, measure or chain) skips the model runs")
     return p
@@ -120,6 +124,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_data is not None and args.eval_data == args.data:
         p.error("--eval-data must not be the calibration data (--data)")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):  # said now, not after the model runs
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            p.error(f"{flag} {path}: the directory {Path(path).parent} does not exist")
+    try:
+        args.device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:  # no CUDA, or a name torch does not know
+        p.error(f"--device: {err}")
 
 
 # ------------------------------------------------------------------ data
@@ -285,7 +296,7 @@ def _kind(rec: Records) -> str:
 def _run(args: argparse.Namespace) -> int:
     from matmamba.pretrained import load_model
 
-    device = torch.device(args.device)
+    device = args.device
     model = load_model(args.checkpoint, device=device)
     levels = tuple(sorted(model.config.block.levels))
     if any(k not in levels or k == 1 for k in args.levels):

@@ -1,6 +1,7 @@
 """``make demo``: the cascade end to end on this machine (CPU is enough; no GPU, no Docker), in about a minute.
 
-    python -m router.demo [--limit N] [--concurrency C] [--tokens N] [--out DIR] [--no-lm]
+    python -m router.demo [--limit N] [--concurrency C] [--tokens N] [--seed S] [--no-lm]
+                          [--thresholds FILE] [--out DIR] [--grace S]
 
 1. Vision: starts a cloud replica (``python -m cloud``) and the router (``python -m router``: the
    edge node, in a private Ray cluster it starts through router.ray_setup) as processes on free
@@ -19,7 +20,8 @@
 Everything it starts runs in its own session and is stopped on the way out, also on Ctrl-C,
 SIGTERM or an error: SIGTERM, up to ``--grace`` seconds, then SIGKILL of whatever is left in that
 session (Ray's processes included). Server logs: OUT/logs/. Exit status: 0; 1 when a server
-failed to start or a request failed; 130 when interrupted.
+failed to start, a request failed, the cross-check disagreed or a server did not stop cleanly;
+2 for bad arguments; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -325,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.thresholds.is_file():
         parser.error(f"--thresholds {args.thresholds} does not exist; write one with `python -m router.tune`")
+    for flag, value in (("--limit", args.limit), ("--concurrency", args.concurrency), ("--tokens", args.tokens)):
+        if value < 1:  # said before any server starts
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if not args.grace >= 0:
+        parser.error(f"--grace must be >= 0 seconds, got {args.grace}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(width=None if sys.stdout.isatty() else CONSOLE_WIDTH, soft_wrap=True)
     signal.signal(signal.SIGTERM, _interrupt)

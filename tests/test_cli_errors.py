@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 import edge.__main__ as edge_cli
 import proto.healthcheck as healthcheck
 import router.__main__ as router_cli
+import router.demo as router_demo
 import router.monitor as monitor
 import router.tune as tune
 from proto.security import ServerSecurity
@@ -72,6 +73,18 @@ def test_router_says_when_nothing_answers_at_the_ray_address(capsys: pytest.Capt
 def test_router_log_level_is_case_insensitive() -> None:
     args = router_cli.build_parser().parse_args(ROUTER_BASE + ["--log-level", "debug"])
     assert args.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--tokens", "-3"], "--tokens must be at least 1"),
+    (["--grace", "-1"], "--grace must be >= 0"),
+    (["--thresholds", "/nonexistent.json"], "does not exist"),
+])
+def test_demo_refuses_bad_flags_before_any_server_starts(argv: list[str], says: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert says in usage_error(router_demo.main, argv, capsys)
 
 
 def test_monitor_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

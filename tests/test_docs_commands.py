@@ -170,3 +170,41 @@ def test_links_between_docs_resolve(guide: str, target: str) -> None:
     assert path.exists(), f"{guide} links to {target}: no file {path.relative_to(ROOT)}"
     if anchor:
         assert anchor in anchors(path), f"{guide} links to {target}: {path.name} has no such heading"
+
+
+# ------------------------------------------------------------------ the router's metrics
+
+
+def router_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Exposed name -> (type, label names) of every metric the router registers."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from router.metrics import RouterMetrics
+
+    suffix = {"counter": "_total", "info": "_info"}
+    found = {}
+    for metric in vars(RouterMetrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            found[metric._name + suffix.get(metric._type, "")] = (metric._type, tuple(metric._labelnames))
+    return found
+
+
+def test_router_metrics_table_matches_the_registry() -> None:
+    section = ROUTER_DOC[ROUTER_DOC.index("## Metrics (`router/metrics.py`"):]
+    section = section[:section.index("\n\n", section.index("| metric |"))]  # the table only
+    rows = re.findall(r"^\| `([a-z_]+)` \| (\w+) \|([^|]*)\|", section, flags=re.M)
+    documented = {name: (kind, tuple(re.findall(r"[a-z_]+", labels))) for name, kind, labels in rows}
+    actual = router_metrics()
+    assert set(documented) == set(actual), (f"in docs/ROUTER.md only: {sorted(set(documented) - set(actual))}; "
+                                            f"in router/metrics.py only: {sorted(set(actual) - set(documented))}")
+    for name, (kind, labels) in actual.items():
+        assert documented[name][0] == kind, f"{name}: docs/ROUTER.md says {documented[name][0]}, it is a {kind}"
+        if kind != "info":  # an Info's labels are its keys, not label names
+            assert documented[name][1] == labels, f"{name}: docs/ROUTER.md says labels {documented[name][1]}"
+
+
+def test_router_metric_names_in_the_guides_exist() -> None:
+    actual = router_metrics()
+    for guide in GUIDES:
+        for name in re.findall(r"`(router_[a-z_]+)", (ROOT / guide).read_text()):
+            assert name in actual or name == "router_ms", f"{guide} names {name}, which the router does not export"

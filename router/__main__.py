@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from matmamba.pretrained import CONFIG_FILE
 from proto.security import (
     add_channel_security_flags,
     add_server_security_flags,
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if not config.checkpoint.is_dir():
         parser.error(f"--checkpoint {config.checkpoint} is not a directory")
+    if not _is_file(config.checkpoint / CONFIG_FILE):
+        parser.error(f"--checkpoint {config.checkpoint} holds no {CONFIG_FILE}: not a checkpoint directory")
     if config.thresholds is not None and not _is_file(config.thresholds):  # said before Ray starts, not after
         parser.error(f"--thresholds {config.thresholds} is not a file; write one with `python -m router.tune`")
     if args.ray_address and not _answers(args.ray_address):  # Ray itself would retry for minutes

@@ -59,6 +59,7 @@ def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     (["--thresholds", "/nonexistent/thresholds.json"], "--thresholds /nonexistent/thresholds.json is not a file"),
     (["--thresholds", "x" * 5000], "is not a file"),  # a name too long: OSError inside is_file
+    (["--checkpoint", str(ROOT / "docs")], "holds no config.json: not a checkpoint directory"),
 ])
 def test_router_refuses_bad_flags_before_ray_starts(extra: list[str], says: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -232,9 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             snap = scrape(args.metrics, timeout=max(1.0, args.interval))
-        except (OSError, ValueError, http.client.HTTPException) as err:  # no answer, a bad URL, not Prometheus text
+        except http.client.HTTPException as err:  # something answered, but not HTTP
+            console.print(f"[red]cannot read {args.metrics}: the answer is not HTTP ({type(err).__name__})[/]; "
+                          "is that the router's gRPC port? /metrics is on its --metrics-port", highlight=False)
+            return 1
+        except (OSError, ValueError) as err:  # no answer, a bad URL, not Prometheus text
             console.print(f"[red]cannot read {args.metrics}: {err}[/]; is the router running with --metrics-port?",
-                          markup=True, highlight=False)
+                          highlight=False)
             return 1
         shown = band or snap.router_band
         console.print(render(snap, previous, shown))

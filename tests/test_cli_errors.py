@@ -197,3 +197,10 @@ def test_healthcheck_dials_tls_with_a_token(tmp_path: Path, capsys: pytest.Captu
 ])
 def test_healthcheck_refuses_bad_arguments(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert says in usage_error(healthcheck.main, argv, capsys)
+
+
+def test_monitor_pointed_at_a_grpc_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with health_server(ServerSecurity()) as address:
+        assert monitor.main(["--metrics", f"http://{address}/metrics", "--once"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the answer is not HTTP" in out and "--metrics-port" in out

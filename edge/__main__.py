@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
     g = sub.add_parser("generate", help="stream a generation through the router")
     g.add_argument("prompt", help="the text prompt")
-    g.add_argument("--max-tokens", type=int, default=0, help="most new tokens (default: the router's default)")
+    g.add_argument("--max-tokens", type=int, default=0, help="most new tokens (default 0: the router's default, 64)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 = off)")

@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; errors are logged and give exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    port = args.router.rpartition(":")[2]
+    if port.isdigit() and int(port) > 65535:  # grpc would dial the port modulo 65536
+        parser.error(f"--router {args.router}: a port must be in 0..65535")
     if not args.timeout > 0:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if getattr(args, "concurrency", 1) < 1:

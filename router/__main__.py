@@ -126,6 +126,11 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         security=server_security_from_args(args), cloud_security=channel_security_from_args(args, "cloud-"))
 
 
+def _port_beyond_range(address: str) -> bool:
+    port = address.rpartition(":")[2]
+    return port.isdigit() and int(port) > MAX_PORT
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag, port, lowest in (("--port", args.port, 0), ("--metrics-port", args.metrics_port, -1)):
         if not lowest <= port <= MAX_PORT:  # grpc would silently take the port modulo 65536
             parser.error(f"{flag} must be in {lowest}..{MAX_PORT}, got {port}")
+    far = [a.strip() for a in args.cloud.split(",") if _port_beyond_range(a.strip())]
+    if far:  # grpc would dial the port modulo 65536, another server's perhaps
+        parser.error(f"--cloud {','.join(far)}: a port must be in 0..{MAX_PORT}")
     try:
         config = config_from_args(args)
     except ValueError as err:

@@ -56,6 +56,7 @@ def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
 @pytest.mark.parametrize("extra, says", [
     (["--port", "99999"], "--port must be in 0..65535, got 99999"),  # grpc would have bound 99999 - 65536
     (["--metrics-port", "-2"], "--metrics-port must be in -1..65535"),
+    (["--cloud", "127.0.0.1:50051,127.0.0.1:99999"], "--cloud 127.0.0.1:99999: a port must be in 0..65535"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     (["--thresholds", "/nonexistent/thresholds.json"], "--thresholds /nonexistent/thresholds.json is not a file"),
     (["--thresholds", "x" * 5000], "is not a file"),  # a name too long: OSError inside is_file
@@ -136,6 +137,7 @@ def test_edge_cli_names_a_missing_image_before_calling_the_router(tmp_path: Path
 
 @pytest.mark.parametrize("argv, says", [
     (["info", "--timeout", "0"], "--timeout must be a positive number"),
+    (["info", "--router", "127.0.0.1:99999"], "a port must be in 0..65535"),
     (["classify", "x.png", "--concurrency", "0"], "--concurrency must be at least 1"),
 ])
 def test_edge_cli_refuses_bad_numbers(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:

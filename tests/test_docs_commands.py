@@ -70,10 +70,14 @@ def shown_commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for guide in GUIDES:
         text = re.sub(r"\\\n\s*", " ", (ROOT / guide).read_text())  # join continued shell lines
-        for number, line in enumerate(text.splitlines(), 1):
+        lines = [(f"{guide}:{number}", line) for number, line in enumerate(text.splitlines(), 1)]
+        # inline code that wraps onto the next line, e.g. `python -m bench.x --out A\n--plot B`, as one line
+        lines += [(f"{guide}, inline", span.replace("\n", " "))
+                  for span in re.findall(r"(?<!`)`(python -m [^`]*\n[^`]*)`", text)]
+        for where, line in lines:
             for match in COMMAND.finditer(line.split(" #")[0]):
                 if match.group(1) not in NOT_OURS:
-                    found.append((f"{guide}:{number}", match.group(1), match.group(2).split()))
+                    found.append((where, match.group(1), match.group(2).split()))
     return found
 
 

@@ -191,16 +191,23 @@ def run_summary(tally: Tally, seconds: float, images_per_request: int) -> dict[s
 
 
 def scaling(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """images/s and p99 of each N against the smallest N of the run (the base)."""
-    base = runs[0]
-    out = {}
-    for r in runs:
-        s, b = r["summary"], base["summary"]
-        out[str(r["replicas"])] = {
-            "throughput_ratio": round(s["images_per_s"] / b["images_per_s"], 3) if b["images_per_s"] else None,
-            "p99_ratio": round(s["latency_ms"]["p99"] / b["latency_ms"]["p99"], 3) if b["latency_ms"]["p99"] else None,
-            "ideal": r["replicas"] / base["replicas"]}
-    return out
+    """Per replica count, the medians over rounds of images/s, requests/s, p50 and p99, and their ratios
+    to the smallest count of the run (the base)."""
+    counts = sorted({r["replicas"] for r in runs})
+    med: dict[int, dict[str, Any]] = {}
+    for n in counts:
+        mine = [r["summary"] for r in runs if r["replicas"] == n]
+        med[n] = {"rounds": len(mine), "images_per_s_by_round": [s["images_per_s"] for s in mine],
+                  **{f"{key}_median": round(float(np.median([get(s) for s in mine])), 2) for key, get in (
+                      ("images_per_s", lambda s: s["images_per_s"]), ("requests_per_s", lambda s: s["requests_per_s"]),
+                      ("p50_ms", lambda s: s["latency_ms"]["p50"]), ("p99_ms", lambda s: s["latency_ms"]["p99"]))}}
+    base = med[counts[0]]
+    for n, m in med.items():
+        m["throughput_ratio"] = round(m["images_per_s_median"] / base["images_per_s_median"], 3) \
+            if base["images_per_s_median"] else None
+        m["p99_ratio"] = round(m["p99_ms_median"] / base["p99_ms_median"], 3) if base["p99_ms_median"] else None
+        m["ideal"] = n / counts[0]
+    return {str(n): m for n, m in med.items()}
 
 
 def failures(result: dict[str, Any]) -> list[str]:
@@ -377,7 +384,7 @@ def measure(args: argparse.Namespace, pool: ProcessPoolExecutor, requests: list[
     seconds = time.monotonic() - start
     tally = merge_tallies([job.result(timeout=args.seconds + args.timeout_s + 120) for job in jobs])
     pairs = list(zip(routers_before, routers_after))
-    out: dict[str, Any] = {"measured_seconds": round(seconds, 2),
+    out: dict[str, Any] = {"measured_seconds": round(seconds, 2), "load_average_1min": round(os.getloadavg()[0], 2),
                            "summary": run_summary(tally, seconds, args.images_per_request),
                            "router_images_by_tier": add_up([router_items(b, a) for b, a in pairs]),
                            "router_cloud_calls": add_up([cloud_calls(b, a) for b, a in pairs])}
@@ -442,19 +449,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "thresholds": thresholds, "runs": []}
     with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
         list(pool.map(_ready, range(args.client_procs)))  # the client processes exist and have imported
+        order = [n for _ in range(args.rounds) for n in args.replicas]  # 1, 2, 1, 2, ...: side by side
         if args.serve:
-            for n in args.replicas:
+            for i, n in enumerate(order):
                 serve = ServeCloud(args, n)
                 try:
                     result["runs"].append(one_configuration(args, pool, requests, n, [serve.address], [],
                                                             tmp / "thresholds.json", max(gpus, 1)))
                 finally:
-                    result.setdefault("cloud_exit_codes", {})[str(n)] = serve.servers.stop()
+                    result.setdefault("cloud_exit_codes", {})[f"{n} (run {i})"] = serve.servers.stop()
         else:
             clouds = Clouds(args, places)
             try:
                 clouds.start()
-                for n in args.replicas:
+                for n in order:
                     result["runs"].append(one_configuration(args, pool, requests, n, clouds.addresses(n),
                                                             clouds.metrics_ports(n), tmp / "thresholds.json",
                                                             max(gpus, 1)))
@@ -474,31 +482,32 @@ def _slash(by_tier: dict[str, float]) -> str:
 
 def table(result: dict[str, Any]) -> str:
     m, v, c = result["machine"], result["versions"], result["config"]
-    where = m["gpu"] or m["cpu"]
-    lines = [f"Scale-out of the cloud tier ({result['mode']}) on {where} ({m['cores']} cores), {result['date']}; "
-             f"Python {v['python']}, torch {v['torch']}, grpc {v['grpc']}, ray {v['ray']}.",
+    lines = [f"Scale-out of the cloud tier ({result['mode']}) on {m['gpu'] or m['cpu']} ({m['cores']} cores), "
+             f"{result['date']}; Python {v['python']}, torch {v['torch']}, grpc {v['grpc']}, ray {v['ray']}.",
              f"Device {c['device']}, {c['replicas_per_gpu']} replica(s) per GPU; {c['routers']} router(s), edge level "
              f"{c['edge_level']}, every image escalated; {c['client_procs']} client processes x {c['clients']} "
              f"clients, {c['images_per_request']} images per request; {c['warmup_s']:g} s warm-up + "
-             f"{c['seconds']:g} s measured per row.", "",
-             "| replicas | images/s | requests/s | vs first row | p50 ms | p99 ms | requests edge / cloud / degraded "
-             "| images edge / cloud / degraded (routers) | errors | Classify calls per replica (share) "
-             "| replica busy | mean batch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["runs"]:
-        s, ratio = r["summary"], result["scaling"][str(r["replicas"])]
-        tiers, items = s["answers_by_tier"], r["router_images_by_tier"]
-        reps = r.get("replica_figures", [])
-        shares = r.get("balance", {}).get("shares", [])
+             f"{c['seconds']:g} s measured per row; {c.get('rounds', 1)} round(s), replica counts alternating.", "",
+             "| replicas | images/s (median) | images/s by round | requests/s | vs first row | p50 ms | p99 ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n, x in result["scaling"].items():
+        rounds = " / ".join(f"{r:,.0f}" for r in x["images_per_s_by_round"])
+        lines.append(f"| {n} | {x['images_per_s_median']:,.0f} | {rounds} | {x['requests_per_s_median']:,.1f} | "
+                     f"{x['throughput_ratio']:.2f}x (ideal {x['ideal']:g}x) | {x['p50_ms_median']} | "
+                     f"{x['p99_ms_median']} |")
+    lines += ["", "| run | replicas | images/s | p99 ms | requests edge / cloud / degraded | images edge / cloud / "
+              "degraded (routers) | errors | Classify calls per replica (share) | replica busy | mean batch | "
+              "load avg |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(result["runs"]):
+        s = r["summary"]
+        reps, shares = r.get("replica_figures", []), r.get("balance", {}).get("shares", [])
         calls = " / ".join(f"{x['classify_ok']:.0f} ({sh:.0%})" for x, sh in zip(reps, shares)) or "n/a (Serve)"
         busy = " / ".join(f"{x['busy']:.0%}" for x in reps) or "n/a"
         batch = " / ".join(str(x["mean_batch"]) for x in reps) or "n/a"
         errors = json.dumps(s["errors"]) if s["errors"] else "none"
-        lines.append(
-            f"| {r['replicas']} | {s['images_per_s']:,.0f} | {s['requests_per_s']:,.1f} | "
-            f"{ratio['throughput_ratio']:.2f}x (ideal {ratio['ideal']:g}x) | {s['latency_ms']['p50']} | "
-            f"{s['latency_ms']['p99']} | {_slash(tiers)} | {_slash(items)} | {errors} (lost {s['lost']}) | "
-            f"{calls} | {busy} | {batch} |")
+        lines.append(f"| {i + 1} | {r['replicas']} | {s['images_per_s']:,.0f} | {s['latency_ms']['p99']} | "
+                     f"{_slash(s['answers_by_tier'])} | {_slash(r['router_images_by_tier'])} | {errors} (lost "
+                     f"{s['lost']}) | {calls} | {busy} | {batch} | {r.get('load_average_1min', '')} |")
     lines.append("")
     lines.append("Failures: " + ("; ".join(result["failures"]) if result["failures"] else "none."))
     return "\n".join(lines)
@@ -513,20 +522,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = result["runs"]
-    n = [r["replicas"] for r in runs]
-    rate = [r["summary"]["images_per_s"] for r in runs]
+    med = result["scaling"]
+    n = [int(k) for k in med]
+    rate = [med[k]["images_per_s_median"] for k in med]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(n, rate, marker="o", label="measured")
+    left.plot(n, rate, marker="o", label="median over rounds")
+    left.scatter([r["replicas"] for r in result["runs"]], [r["summary"]["images_per_s"] for r in result["runs"]],
+                 s=12, color="tab:blue", alpha=0.4, label="each round")
     left.plot(n, [rate[0] * k / n[0] for k in n], ls="--", color="grey", label="linear from the first point")
     left.set(xlabel="cloud replicas", ylabel="images/s through the router", title="throughput", xticks=n,
-             ylim=(0, max(rate[0] * n[-1] / n[0], max(rate)) * 1.1))
-    left.legend()
-    right.plot(n, [r["summary"]["latency_ms"]["p99"] for r in runs], marker="o", color="tab:red", label="p99")
-    right.plot(n, [r["summary"]["latency_ms"]["p50"] for r in runs], marker="o", color="tab:orange", label="p50")
-    right.set(xlabel="cloud replicas", ylabel="request latency (ms)", title="latency under the same load", xticks=n)
+             ylim=(0, max(rate[0] * n[-1] / n[0], *rate, *(r["summary"]["images_per_s"] for r in result["runs"]))
+                   * 1.1))
+    left.legend(fontsize=8)
+    right.plot(n, [med[k]["p99_ms_median"] for k in med], marker="o", color="tab:red", label="p99")
+    right.plot(n, [med[k]["p50_ms_median"] for k in med], marker="o", color="tab:orange", label="p50")
+    right.set(xlabel="cloud replicas", ylabel="request latency (ms), median over rounds",
+              title="latency under the same load", xticks=n)
     right.set_ylim(bottom=0)
-    right.legend()
+    right.legend(fontsize=8)
     m = result["machine"]
     fig.suptitle(f"cloud tier scale-out ({result['mode']}) on {m['gpu'] or m['cpu']}, {result['date']}", fontsize=9)
     fig.tight_layout()
@@ -555,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-procs", type=int, default=4, help="client processes (default %(default)s)")
     p.add_argument("--clients", type=int, default=16, help="concurrent client loops per process (default %(default)s)")
     p.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured load before each window")
-    p.add_argument("--seconds", type=float, default=20.0, help="measured window per replica count")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured window per replica count and round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every replica count this many times, alternating (medians reported)")
     p.add_argument("--max-requests", type=int, default=500_000, help="bound on measured requests per replica count")
     p.add_argument("--timeout-s", type=float, default=60.0, help="each request's deadline (default %(default)s)")
     p.add_argument("--backoff-ms", type=float, default=50.0, help="a client's pause after RESOURCE_EXHAUSTED")
@@ -578,7 +593,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.edge_gpus = 1 if args.device == "cuda" else 0
     if args.images_per_request > min(args.router_max_batch, args.cloud_max_batch):
         raise SystemExit("--images-per-request must be at most --router-max-batch and --cloud-max-batch")
-    for name in ("routers", "client_procs", "clients", "images_per_request"):
+    for name in ("routers", "client_procs", "clients", "images_per_request", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if args.ray_address and not args.ray_address.startswith("127.0.0.1:"):
@@ -591,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.replot:
         result = json.loads(args.out.read_text())
+        result["scaling"] = scaling(result["runs"])
     else:
         args = resolve(args)
         if args.serve and (why := serve_importable()):

@@ -106,9 +106,12 @@ def test_merged_tallies_summarise_to_images_per_s_and_ratios() -> None:
     assert runs[0]["summary"]["images_per_s"] == 80.0 and runs[0]["summary"]["requests_per_s"] == 10.0
     assert runs[1]["summary"]["images_per_s"] == 160.0
     ratio = scaling(runs)
-    assert ratio["1"] == {"throughput_ratio": 1.0, "p99_ratio": 1.0, "ideal": 1.0}
+    assert ratio["1"]["throughput_ratio"] == 1.0 and ratio["1"]["ideal"] == 1.0 and ratio["1"]["rounds"] == 1
     assert ratio["2"]["throughput_ratio"] == 2.0 and ratio["2"]["ideal"] == 2.0
     assert ratio["2"]["p99_ratio"] == pytest.approx(5.0 / 30.0, abs=1e-3)
+    slow = merge_tallies([tally([5.0] * 50, 50, 50)])  # a third round of 2 replicas: medians over rounds
+    rounds = scaling(runs + [{"replicas": 2, "summary": run_summary(slow, 10.0, 8)}] + runs[1:])
+    assert rounds["2"]["images_per_s_by_round"] == [160.0, 40.0, 160.0] and rounds["2"]["throughput_ratio"] == 2.0
     assert failures({"runs": runs}) == []
     bad = merge_tallies([tally([10.0] * 9, 9, 12, {"UNAVAILABLE": 2})])
     problems = failures({"runs": [{"replicas": 1, "summary": run_summary(bad, 1.0, 8)}]})
@@ -169,4 +172,5 @@ def test_tiny_cpu_run_spreads_escalations_over_two_replicas(ray_cluster, tmp_pat
     assert sum(calls) == pytest.approx(images["cloud"] / 4, abs=2)  # one cloud call per 4-image request
     assert set(r["router_exit_codes"].values()) == {0} and set(result["cloud_exit_codes"].values()) == {0}
     assert "| 2 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
-    assert result["scaling"]["2"]["throughput_ratio"] == 1.0  # the first row is its own base
+    assert result["scaling"]["2"]["throughput_ratio"] == 1.0  # the first count is its own base
+    assert r["load_average_1min"] >= 0

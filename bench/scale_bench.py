@@ -28,7 +28,8 @@ spread the work), each replica's busy fraction (``compute_seconds`` per second o
 means the cloud tier was the bottleneck, far below it means the load or the router was) and mean
 batch; and the scaling ratio images/s(N) / images/s(smallest N). JSON to ``--out``, a markdown
 table (machine, versions, date) to stdout and beside the JSON, a plot (throughput and p99 against
-replicas) beside it. Exit code 1 when a request failed or was lost.
+replicas) beside it. Exit code 1 when a request failed or was lost, or a replica got less than half
+its fair share of the calls.
 
 ``--serve``: instead of separate replicas, ``python -m cloud.serve_app --replicas N`` (Ray Serve, one
 port; ``--num-gpus`` 1 / ``--replicas-per-gpu``) per N, behind one router. Needs Ray Serve's extras
@@ -103,14 +104,16 @@ def placement(replicas: int, device: str, gpus: int, per_gpu: int) -> list[str |
 def escalate_all_thresholds(checkpoint: Path, edge_level: int) -> dict[str, Any]:
     """A thresholds file (router/thresholds.py) that sends every image to the cloud tier.
 
-    It names the checkpoint's fingerprint (from its config.json), so the router's origin check
-    passes, and the edge level the router runs.
+    It names the checkpoint's fingerprint (from its config.json, when it records one), so the
+    router's origin check passes, and the edge level the router runs.
     """
     config = json.loads((checkpoint / "config.json").read_text())
     measure, threshold = ESCALATE_ALL
-    return {"measure": measure, "threshold": threshold, "edge_level": edge_level,
-            "checkpoint_fingerprint": config["fingerprint"], "version": "scale-bench-escalate-all",
-            "target_escalation": 1.0}
+    data = {"measure": measure, "threshold": threshold, "edge_level": edge_level,
+            "version": "scale-bench-escalate-all", "target_escalation": 1.0}
+    if config.get("fingerprint"):
+        data["checkpoint_fingerprint"] = config["fingerprint"]
+    return data
 
 
 def merge_tallies(tallies: list[Tally]) -> Tally:

@@ -90,6 +90,24 @@ for phase in "$@"; do
     cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
     block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
     decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log" ;;
+    scale)  # cloud replicas through routers (bench/scale_bench.py): needs .raywhl carried, as router; ~6 min on an H100
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
+      gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); gpus=${gpus:-0}
+      # one Triton cache for every process: the routers' Ray workers run with a private HOME (router/ray_setup.py)
+      export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+      counts=1; for n in 2 4 8; do [ "$n" -le "$gpus" ] && counts="$counts,$n"; done
+      # 2 routers: one Python router process may cap the load before one replica does (see the busy column)
+      SCALE=(--device cuda --routers 2 --images-per-request 16 --client-procs 4 --clients 16 --warmup-s 5 --seconds 15)
+      { echo "$DEVICE_LINE, $gpus GPU(s)"
+        echo "== one-GPU stand-in: 2 replicas sharing GPU 0 against 1 $(date +%T)"
+        python3 -m bench.scale_bench "${SCALE[@]}" --replicas 1,2 --replicas-per-gpu 2 \
+          --out "$OUT/scale/scale-standin.json" 2>&1 || echo "scale_bench (stand-in) exited $?"
+        if [ "$gpus" -ge 2 ]; then
+          echo "== one replica per GPU: $counts $(date +%T)"
+          python3 -m bench.scale_bench "${SCALE[@]}" --replicas "$counts" --out "$OUT/scale/scale-gpus.json" 2>&1 \
+            || echo "scale_bench (per GPU) exited $?"
+        fi
+      } | tee "$OUT/scale.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -35,8 +35,8 @@ test: setup lint
 demo: setup
 	$(BIN)/python -m router.demo
 
-# Training data (not needed by test or demo): Fashion-MNIST and Jane Austen's novels
-# from Debian packages, prepared under .data/.
+# Training data (not needed by test or demo), from Debian packages: Fashion-MNIST (read where the
+# package puts it, /usr/share/datasets/fashion-mnist) and Jane Austen's novels (prepared under .data/prose).
 data: setup
 	apt-get install -y dataset-fashion-mnist
 	$(BIN)/python -m matmamba.data.prose --prepare --download

@@ -89,6 +89,7 @@ def classify_on_own_connection(address: str, images: np.ndarray, request_id: str
         return pb_grpc.InferenceStub(channel).Classify(request, timeout=RPC_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_every_worker_answers_correctly_and_metrics_add_up(served: Served) -> None:
     images = {f"conn-{i}": _images(1 + i % 3, seed=i) for i in range(CONNECTIONS)}
     with ThreadPoolExecutor(CONNECTIONS) as pool:
@@ -122,6 +123,7 @@ def test_every_worker_answers_correctly_and_metrics_add_up(served: Served) -> No
     assert len(info) == 1 and dict(info[0])["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_sigterm_drains_every_worker_and_exits_zero(served: Served) -> None:
     """Last of the tests on ``served``: it stops it."""
     channels = [own_channel(served.address) for _ in range(CONNECTIONS)]
@@ -152,6 +154,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_others_and_the_parent_fails(tmp_path: Path) -> None:
     small_vision().save_pretrained(tmp_path / "v")
     cloud = CloudProcess("--checkpoint", str(tmp_path / "v"), *BASE, "--metrics-port", "-1")
@@ -167,6 +170,7 @@ def test_a_killed_worker_stops_the_others_and_the_parent_fails(tmp_path: Path) -
         cloud.kill()
 
 
+@pytest.mark.slow
 def test_a_bad_checkpoint_fails_every_worker_clearly(tmp_path: Path) -> None:
     small_vision().save_pretrained(tmp_path / "v")
     (tmp_path / "v" / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -181,6 +185,7 @@ def test_a_bad_checkpoint_fails_every_worker_clearly(tmp_path: Path) -> None:
         cloud.kill()
 
 
+@pytest.mark.slow
 def test_a_speculative_session_stays_on_its_connections_worker(tmp_path: Path) -> None:
     """One connection reaches one worker, which holds the session; another worker does not know it
     (NOT_FOUND), and the owner refuses a wrong position (FAILED_PRECONDITION): both are codes the

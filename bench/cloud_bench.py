@@ -499,7 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. `timeout`): unwind, so that the servers drain and the client processes end."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
     if args.latency_max_wait_ms is not None and args.latency_max_wait_ms < 0:
         args.latency_max_wait_ms = None

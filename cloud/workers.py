@@ -12,8 +12,9 @@ listening on one port through SO_REUSEPORT: the kernel spreads *connections* ove
   ``warm`` after its warm-up and waits; when every worker is warm the parent sends ``serve``, each
   worker turns its health SERVING and answers ``serving``; then the parent logs that it serves.
   End of file on the socket (the parent died) makes a worker drain and exit.
-- **Signals**: SIGTERM / SIGINT to the parent are forwarded as SIGTERM to every worker, which
-  drains for ``--grace`` seconds; the parent exits 0 when every worker exited 0.
+- **Signals**: SIGTERM / SIGINT to the parent are forwarded as SIGTERM to every worker (each in
+  its own session, so a terminal's Ctrl-C reaches the parent only), which drains for ``--grace``
+  seconds; the parent exits 0 when every worker exited 0.
 - **Failure**: a worker that exits on its own (a bad checkpoint at start-up, a crash, SIGKILL)
   makes the parent log which one and how, stop the others, and exit 1.
 - **Metrics**: the workers write prometheus_client's multiprocess files into a temporary
@@ -71,6 +72,7 @@ class ParentLink:
 
     async def warm(self) -> None:
         """Tell the parent this worker is warm, and wait until every worker is."""
+        log.info("warm; waiting for the other workers before turning SERVING")
         await self._send(WARM)
         await self._go.wait()
 
@@ -105,7 +107,10 @@ class Worker:
         fd = theirs.fileno()
         cmd = [sys.executable, "-m", "cloud", *argv,  # later flags win: the worker's port, no metrics endpoint
                "--workers", "1", "--port", str(port), "--metrics-port", "-1", "--control-fd", str(fd)]
-        proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(fd,), env=env, stdin=asyncio.subprocess.DEVNULL)
+        # Own session: a terminal's Ctrl-C reaches the parent only, which forwards it; a worker exiting by
+        # itself is then always a failure, never a race with the parent's own signal.
+        proc = await asyncio.create_subprocess_exec(*cmd, pass_fds=(fd,), env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                    start_new_session=True)
         theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
         return cls(index, proc, reader, writer)

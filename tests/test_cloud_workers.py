@@ -105,8 +105,13 @@ def test_every_worker_answers_correctly_and_metrics_add_up(served: Served) -> No
         answered = {rid: int(pid) for pid, rid in ANSWERED.findall(drain_log(served.cloud)) if rid in images}
         time.sleep(0.05)
     assert set(answered) == set(images)
+    log = drain_log(served.cloud)
     # port 0 was resolved once, by the parent: every worker listens on the address it announced
-    assert {m.group(1) for m in LISTENING.finditer(drain_log(served.cloud))} == {served.address}
+    assert {m.group(1) for m in LISTENING.finditer(log)} == {served.address}
+    # no worker turned SERVING before every worker was warm
+    warm = [m.start() for m in re.finditer(r"warm; waiting for the other workers", log)]
+    serving = [m.start() for m in re.finditer(r"serving VISION", log)]
+    assert len(warm) == len(serving) == WORKERS and max(warm) < min(serving)
     per_worker = {pid: sum(1 for p in answered.values() if p == pid) for pid in served.pids}
     assert all(n > 0 for n in per_worker.values()), f"one worker took every connection: {per_worker}"
 

@@ -116,7 +116,11 @@ class Worker:
         return cls(index, proc, reader, writer)
 
     async def expect(self, line: bytes) -> None:
-        if await self.reader.readline() != line:  # end of file: the worker is exiting
+        try:
+            got = await self.reader.readline()
+        except OSError:  # the connection reset: the worker is gone
+            got = b""
+        if got != line:  # end of file: the worker is exiting
             raise WorkerFailed(self, await self.proc.wait())
 
     def send(self, line: bytes) -> None:

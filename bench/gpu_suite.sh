@@ -87,7 +87,13 @@ for phase in "$@"; do
         # fp32: greedy identity is checked token for token (bf16 rounding differs between a step and a chunk)
         python3 -m bench.spec_bench --device cuda --precision fp32 --out "$OUT/spec_bench-cuda.json" 2>&1
       } | tee "$OUT/spec_bench.log" ;;
-    cloud) python3 -m bench.cloud_bench --device cuda --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" ;;
+    cloud)  # served vs bare, 1 / 4 / 8 server processes (python -m cloud --workers N) side by side; ~7 min on an
+      # H100 host (16 cores: 8 workers + 6 client processes); the JSON is rewritten after each worker count, and
+      # the timeout keeps the phase inside one 10-minute device call with what was measured by then
+      timeout -k 30 540 python3 -m bench.cloud_bench --device cuda --workers 1,4,8 --request-sizes 1,8,64 --reps 3 \
+        --served-seconds 3 --clients 256 --client-procs 6 --connections 96 --cpu-threads 1 \
+        --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" \
+        || echo "cloud_bench ended with status $? (124 = the timeout: the JSON holds the worker counts measured)" ;;
     block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
     decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log" ;;
     scale)  # cloud replicas through routers (bench/scale_bench.py): needs .raywhl carried, as router; ~6 min on an H100

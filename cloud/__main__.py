@@ -1,4 +1,7 @@
-"""``python -m cloud --checkpoint DIR --port 50051 --metrics-port 9101``: run one cloud replica."""
+"""``python -m cloud --checkpoint DIR --port 50051 --metrics-port 9101``: run one cloud replica.
+
+``--workers N`` runs it as N server processes on one port (cloud/workers.py).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,12 @@ from pathlib import Path
 from proto.security import add_server_security_flags, server_security_from_args
 
 from .server import ServerConfig, serve
+from .workers import ParentLink, run_workers
 
 log = logging.getLogger("cloud")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# With several processes every line names its process: the parent's pid or a worker's.
+LOG_FORMAT_WORKERS = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 DEFAULTS = ServerConfig()
 
@@ -55,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most drafted tokens one Verify may carry (default %(default)s)")
     p.add_argument("--grace", type=float, default=DEFAULTS.grace_s,
                    help="seconds in-flight RPCs may drain on SIGTERM (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing --port through SO_REUSEPORT, each with the model and its own "
+                        "batcher; metrics summed on --metrics-port (default %(default)s)")
+    p.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent for a worker
     add_server_security_flags(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG logs every request (default %(default)s)")
     return p
@@ -69,20 +80,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_generate=args.max_generate, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
         max_seq_len=args.max_seq_len, grace_s=args.grace, max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl_s, max_draft_tokens=args.max_draft_tokens,
-        security=server_security_from_args(args),
+        security=server_security_from_args(args), reuse_port=args.control_fd is not None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    several = args.workers > 1 or args.control_fd is not None
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT_WORKERS if several else LOG_FORMAT)
     try:
         config = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        return run_workers(argv, config, args.workers)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, None if args.control_fd is None else ParentLink(args.control_fd)))
     except (OSError, ValueError) as err:  # a missing or bad checkpoint, a port in use, no CUDA device
         log.error("cannot serve: %s", err)
         return 1

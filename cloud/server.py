@@ -6,6 +6,10 @@ Start-up: the port is bound first with health NOT_SERVING (Inference answers UNA
 the checkpoint loads and one warm-up batch runs per method, then health turns SERVING.
 SIGTERM / SIGINT: health NOT_SERVING, new RPCs refused, in-flight RPCs drain for up to
 ``--grace`` seconds (``server.stop(grace)``), then the process exits 0.
+
+As one of ``--workers N`` (cloud/workers.py) the server shares its port with the other workers
+(``reuse_port``) and, once warm, waits for the parent's word before turning SERVING, so that no
+health check says SERVING before every worker is warm.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -30,6 +36,9 @@ from proto.security import ServerSecurity
 from .metrics import CloudMetrics
 from .runner import ModelRunner
 from .servicer import CloudServicer, SpeculativeServicer, add_to_server
+
+if TYPE_CHECKING:
+    from .workers import ParentLink
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ class ServerConfig:
     max_sessions: int = 256  # speculative-decoding sessions held at once (about 0.8 MB each for the shipped LM)
     session_ttl_s: float = 60.0  # a session idle this long is dropped
     max_draft_tokens: int = 32  # most drafted tokens one Verify may carry
+    reuse_port: bool = False  # share the port with sibling worker processes (SO_REUSEPORT; --workers N)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_message_mb", "max_generate", "max_tokens", "max_seq_len",
@@ -80,7 +90,8 @@ class ServerConfig:
                     max_reply_bytes=self.max_message_mb * MIB)
 
 
-def _host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC targets write it (an IPv6 host in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -109,7 +120,7 @@ class CloudServer:
     @property
     def address(self) -> str:
         """host:port clients dial."""
-        return _host_port(self.config.host, self.port)
+        return host_port(self.config.host, self.port)
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
@@ -117,14 +128,16 @@ class CloudServer:
 
     def _bind(self) -> None:
         size = self.config.max_message_mb * MIB
+        # Alone, a port in use is an error, not a second silent listener; as a worker, the parent has
+        # checked the port and holds it, and the workers share it.
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                   ("grpc.so_reuseport", 0)]  # a port in use is an error, not a second silent listener
+                   ("grpc.so_reuseport", int(self.config.reuse_port))]
         security = self.config.security
         self.server = grpc.aio.server(options=options, interceptors=security.interceptors())
         add_to_server(self.servicer, self.server)
         add_to_server(self.speculative, self.server, "SpeculativeDecoding")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        target = _host_port(self.config.host, self.config.port)
+        target = host_port(self.config.host, self.config.port)
         try:
             self.port = security.add_port(self.server, target)
         except RuntimeError as err:
@@ -132,8 +145,11 @@ class CloudServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {target}; is the port in use? pick another with --port")
 
-    async def start(self) -> None:
-        """Bind and serve (health NOT_SERVING), load the model and warm up, then health SERVING."""
+    async def start(self, before_serving: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Bind and serve (health NOT_SERVING), load the model and warm up, then health SERVING.
+
+        ``before_serving`` is awaited between the warm-up and SERVING (a worker waits for its siblings).
+        """
         self._bind()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -147,9 +163,11 @@ class CloudServer:
         await loop.run_in_executor(self._batch_executor, runner.warmup)
         self._runner = runner
         self.servicer.attach(runner)
-        self.metrics.model.info({"checkpoint": runner.fingerprint[:12], "task": runner.limits.task_name,
-                                 "width": str(runner.width), "device": describe_device(runner.device),
-                                 "version": matmamba.__version__})
+        self.metrics.describe_model(checkpoint=runner.fingerprint[:12], task=runner.limits.task_name,
+                                    width=str(runner.width), device=describe_device(runner.device),
+                                    version=matmamba.__version__)
+        if before_serving is not None:
+            await before_serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s at width %d on %s", runner.limits.task_name, runner.width,
                  describe_device(runner.device))
@@ -176,20 +194,24 @@ class CloudServer:
         log.info("stopped")
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run a replica until SIGTERM or SIGINT, then drain and return."""
+async def serve(config: ServerConfig, parent: ParentLink | None = None) -> None:
+    """Run a replica until SIGTERM or SIGINT (or, as a worker, until its parent is gone), then drain and return."""
     server = CloudServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.create_task(server.start())
+    if parent is not None:
+        await parent.open(on_gone=stop.set)
+    starting = asyncio.create_task(server.start(parent.warm if parent is not None else None))
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if starting in done:
         if starting.exception() is not None:
             await server.stop(0)
             raise starting.exception()
+        if parent is not None:
+            await parent.serving()
         await stopping
     else:
         starting.cancel()

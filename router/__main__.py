@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive failures that open a replica's circuit breaker (default %(default)s)")
     p.add_argument("--breaker-cooldown-ms", type=float, default=d.breaker_cooldown_ms,
                    help="how long an open breaker waits before a probe request (default %(default)s)")
+    p.add_argument("--cloud-connections", type=int, default=d.cloud_connections,
+                   help="TCP connections per cloud replica, calls spread over them in turn; for replicas run with "
+                        "`python -m cloud --workers N` use a few per worker (default %(default)s)")
     p.add_argument("--edge-cpus", type=int, default=d.edge_cpus,
                    help="CPUs (torch threads) of the edge worker when there is no GPU (default %(default)s)")
     p.add_argument("--edge-gpus", type=int, default=None,
@@ -118,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         health_interval_ms=args.health_interval_ms,
         thresholds_poll_ms=args.thresholds_poll_ms,
         breaker_failures=args.breaker_failures, breaker_cooldown_ms=args.breaker_cooldown_ms,
+        cloud_connections=args.cloud_connections,
         edge_cpus=args.edge_cpus, edge_gpus=args.edge_gpus, grace_s=args.grace, traffic_log=args.traffic_log,
         traffic_log_max_mb=args.traffic_log_max_mb, traffic_log_files=args.traffic_log_files,
         log_inputs=args.log_inputs, log_inputs_max_kb=args.log_inputs_max_kb, shadow_rate=args.shadow_rate,

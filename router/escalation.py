@@ -1,7 +1,8 @@
 """Escalation to cloud replicas over gRPC: balancing, health, deadlines, retry, circuit breakers.
 
-``ReplicaPool`` holds one grpc.aio channel per replica address and sends each escalation to an
-eligible replica:
+``ReplicaPool`` holds one grpc.aio channel per replica address (``connections`` channels, each its
+own TCP connection, with ``--cloud-connections``: see :class:`Replica`) and sends each escalation
+to an eligible replica:
 
 - **eligible** = its last health check said SERVING (``grpc.health.v1``, service ``""``), its
   ``ModelInfo`` names the router's own checkpoint fingerprint and task, and its circuit breaker
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 # The first try and one retry on another replica.
 MAX_ATTEMPTS = 2
+# Most TCP connections per replica (--cloud-connections): enough to spread over a replica's worker processes.
+MAX_CONNECTIONS = 64
 # Failures that say the replica (or the path to it) is broken: they count towards opening its breaker.
 BREAKER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -109,12 +112,15 @@ class EscalationSettings:
     health_timeout_s: float = 1.0  # deadline of one health check / ModelInfo call
     max_message_bytes: int = 64 * MIB
     channel: ChannelSecurity = ChannelSecurity()  # TLS / mutual TLS / token towards the replicas (--cloud-ca, ...)
+    connections: int = 1  # TCP connections per replica, calls spread over them in turn (--cloud-connections)
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.breaker_cooldown_s < 0 or self.health_interval_s <= 0:
             raise ValueError("deadline and health interval must be positive and the breaker cooldown >= 0")
         if self.breaker_failures < 1:
             raise ValueError(f"breaker_failures must be >= 1, got {self.breaker_failures}")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(f"--cloud-connections must be in 1..{MAX_CONNECTIONS}, got {self.connections}")
 
 
 class EscalationError(Exception):
@@ -177,15 +183,25 @@ class CloudAnswer:
 
 
 class Replica:
-    """One cloud replica: its channel and stubs, breaker, health and outstanding escalations."""
+    """One cloud replica: its channels and stubs, breaker, health and outstanding escalations.
+
+    With ``settings.connections`` > 1 it opens that many channels, each its own TCP connection, and
+    Inference calls take them in turn: a replica running ``python -m cloud --workers N`` gets its
+    connections spread over its worker processes by the kernel (SO_REUSEPORT), and so its calls.
+    Health checks and speculative sessions use the first connection (a session lives in one worker).
+    """
 
     def __init__(self, address: str, settings: EscalationSettings) -> None:
         self.address = address
         size = settings.max_message_bytes
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                    ("grpc.enable_retries", 0), *CHANNEL_BACKOFF_MS]
-        self.channel = settings.channel.aio_channel(address, options=options)
-        self.stub = pb_grpc.InferenceStub(self.channel)
+        if settings.connections > 1:  # channels to one target share a connection unless each has its own pool
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self.channels = [settings.channel.aio_channel(address, options=options) for _ in range(settings.connections)]
+        self.channel = self.channels[0]
+        self._stubs = [pb_grpc.InferenceStub(channel) for channel in self.channels]
+        self._turn = 0
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
         self.outstanding = 0
@@ -210,6 +226,12 @@ class Replica:
     @property
     def eligible(self) -> bool:
         return bool(self.healthy) and not self.mismatch and self.breaker.available()
+
+    @property
+    def stub(self) -> pb_grpc.InferenceStub:
+        """The Inference stub of the next connection in turn."""
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
 
     def begin(self) -> None:
         self.outstanding += 1
@@ -267,7 +289,7 @@ class ReplicaPool:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await asyncio.gather(*(r.channel.close() for r in self.replicas), return_exceptions=True)
+        await asyncio.gather(*(c.close() for r in self.replicas for c in r.channels), return_exceptions=True)
 
     @property
     def available(self) -> bool:
@@ -335,7 +357,7 @@ class ReplicaPool:
             log.info("cloud replica %s removed (no longer in DNS)", replica.address)
             self.replicas.remove(replica)
             self._reported.pop(replica.address, None)
-            await replica.channel.close()
+            await asyncio.gather(*(c.close() for c in replica.channels), return_exceptions=True)
             if self._on_remove is not None:
                 self._on_remove(replica)
 

@@ -74,6 +74,7 @@ class RouterConfig:
     thresholds_poll_ms: float = 1000.0  # how often the thresholds file is checked for changes; 0 = never
     breaker_failures: int = 3
     breaker_cooldown_ms: float = 5000.0
+    cloud_connections: int = 1  # TCP connections per cloud replica (several for `python -m cloud --workers N`)
     edge_cpus: int = 1
     edge_gpus: int | None = None
     max_tokens: int = 512
@@ -123,7 +124,8 @@ class RouterConfig:
         """The escalation knobs of this config (validated)."""
         return EscalationSettings(deadline_s=self.deadline_ms / 1e3, breaker_failures=self.breaker_failures,
                                   breaker_cooldown_s=self.breaker_cooldown_ms / 1e3,
-                                  health_interval_s=self.health_interval_ms / 1e3, channel=self.cloud_security)
+                                  health_interval_s=self.health_interval_ms / 1e3, channel=self.cloud_security,
+                                  connections=self.cloud_connections)
 
     def shadow(self) -> ShadowSettings:
         """Shadow escalation knobs (validated)."""

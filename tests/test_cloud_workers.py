@@ -6,6 +6,7 @@ spreads them over the workers; the workers' DEBUG log lines carry their pid, whi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import re
@@ -26,6 +27,7 @@ from cloud.__main__ import main
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 from proto.tensors import to_tensor_msg
+from router.escalation import EscalationSettings, ReplicaPool
 
 from .conftest import small_lm, small_vision
 from .test_cloud_process import LISTENING, CloudProcess
@@ -126,6 +128,34 @@ def test_every_worker_answers_correctly_and_metrics_add_up(served: Served) -> No
     assert metrics[("matmamba_cloud_batch_size_sum", (("method", "Classify"),))] >= sum(map(len, images.values()))
     info = [labels for (name, labels) in metrics if name == "matmamba_cloud_model_info"]
     assert len(info) == 1 and dict(info[0])["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_a_router_pool_with_several_connections_reaches_every_worker(served: Served) -> None:
+    """router --cloud-connections: one replica address, its calls spread over the workers."""
+    with grpc.insecure_channel(served.address) as channel:
+        fingerprint = pb_grpc.InferenceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=RPC_TIMEOUT)
+    ids = [f"pool-{i}" for i in range(2 * CONNECTIONS)]
+
+    async def escalate() -> None:
+        pool = ReplicaPool([served.address], fingerprint=fingerprint.checkpoint_sha256, task=pb.VISION,
+                           settings=EscalationSettings(deadline_s=RPC_TIMEOUT, connections=CONNECTIONS))
+        await pool.start()
+        try:
+            for rid in ids:
+                request = pb.ClassifyRequest(images=to_tensor_msg(_images(1)), request_id=rid)
+                assert (await pool.unary("Classify", request)).replica == served.address
+        finally:
+            await pool.close()
+
+    asyncio.run(escalate())
+    answered: dict[str, int] = {}
+    deadline = time.monotonic() + 10
+    while len(answered) < len(ids) and time.monotonic() < deadline:  # a worker logs just after replying
+        answered = {rid: int(pid) for pid, rid in ANSWERED.findall(drain_log(served.cloud)) if rid in ids}
+        time.sleep(0.05)
+    assert set(answered) == set(ids)
+    assert set(answered.values()) == set(served.pids), "every call went to one worker"
 
 
 @pytest.mark.slow

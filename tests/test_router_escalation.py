@@ -7,6 +7,8 @@ answers), so each failure mode can be produced on demand.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -42,6 +44,7 @@ class FakeReplica(pb_grpc.InferenceServicer):
         self.stream_fail_after: int | None = None  # Generate: fail after this many chunks
         self.calls = 0
         self.inflight = 0
+        self.peers: list[str] = []  # the client end of the connection each Classify came on
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -60,6 +63,7 @@ class FakeReplica(pb_grpc.InferenceServicer):
 
     async def Classify(self, request, context):
         self.calls += 1
+        self.peers.append(context.peer())
         self.inflight += 1
         try:
             await asyncio.sleep(self.delay_s)
@@ -170,6 +174,20 @@ def test_least_outstanding_requests_balancing() -> None:
         await slow
 
     run_with([a, b], body)
+
+
+def test_calls_take_a_replicas_connections_in_turn() -> None:
+    a = FakeReplica()
+
+    async def body(pool: ReplicaPool) -> None:
+        for _ in range(8):
+            await pool.unary("Classify", _request())
+        assert sorted(Counter(a.peers).values()) == [2, 2, 2, 2]  # 4 TCP connections (client ports), in turn
+
+    run_with([a], body, dataclasses.replace(FAST, connections=4))
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="--cloud-connections"):
+            dataclasses.replace(FAST, connections=bad)
 
 
 def test_one_retry_on_another_replica() -> None:

@@ -22,6 +22,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMAT_WORKERS = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 DEFAULTS = ServerConfig()
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_PORT = 65535
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batcher; metrics summed on --metrics-port (default %(default)s)")
     p.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent for a worker
     add_server_security_flags(p)
-    p.add_argument("--log-level", default="INFO", help="DEBUG logs every request (default %(default)s)")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
+                   help=f"{', '.join(LOG_LEVELS)}; DEBUG logs every request (default %(default)s)")
     return p
 
 
@@ -89,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     several = args.workers > 1 or args.control_fd is not None
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT_WORKERS if several else LOG_FORMAT)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT_WORKERS if several else LOG_FORMAT)
+    for flag, port, lowest in (("--port", args.port, 0), ("--metrics-port", args.metrics_port, -1)):
+        if not lowest <= port <= MAX_PORT:  # grpc would silently take the port modulo 65536
+            parser.error(f"{flag} must be in {lowest}..{MAX_PORT}, got {port}")
     try:
         config = config_from_args(args)
     except ValueError as err:

@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+import cloud.__main__ as cloud_cli
 import edge.__main__ as edge_cli
 import proto.healthcheck as healthcheck
 import router.__main__ as router_cli
@@ -65,6 +66,17 @@ def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
 def test_router_refuses_bad_flags_before_ray_starts(extra: list[str], says: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert says in usage_error(router_cli.main, ROUTER_BASE + extra, capsys)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--port", "99999"], "--port must be in 0..65535, got 99999"),
+    (["--metrics-port", "70000"], "--metrics-port must be in -1..65535, got 70000"),
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+])
+def test_cloud_refuses_bad_flags_before_loading(extra: list[str], says: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert says in usage_error(cloud_cli.main, ["--checkpoint", VISION, *extra], capsys)
 
 
 def test_router_says_when_nothing_answers_at_the_ray_address(capsys: pytest.CaptureFixture[str]) -> None:

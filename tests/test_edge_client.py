@@ -154,3 +154,8 @@ def test_client_gives_up_after_its_attempts_and_never_retries_bad_input(scripted
         client.info()
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "scripted failure" in err.value.details
     assert servicer.calls == 1
+
+
+def test_a_port_past_65535_is_refused() -> None:
+    with pytest.raises(ValueError, match="a port must be in 0..65535"):
+        EdgeClient("127.0.0.1:99999")  # grpc would dial 34463

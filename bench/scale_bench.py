@@ -61,6 +61,7 @@ import grpc
 import numpy as np
 
 from bench.load import Servers, Tally, client, summarize
+from bench.plots import pyplot
 from bench.router_overhead import DEFAULT_CHECKPOINT, REPO_ROOT, free_port, machine
 from proto import matmamba_pb2 as pb
 from proto.tensors import to_tensor_msg
@@ -517,13 +518,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     med = result["scaling"]
     n = [int(k) for k in med]

@@ -41,6 +41,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.plots import pyplot
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
 
@@ -298,14 +299,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(dict.fromkeys(r["name"] for r in result["runs"]))

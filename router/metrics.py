@@ -9,6 +9,7 @@ All names start with ``router_``. Labels: ``method`` is Classify, Score or Gener
 | ``router_items_total`` | counter | method, tier, degraded | answered items (images, sequences, generation segments) |
 | ``router_escalations_total`` | counter | method | items whose confidence was below the threshold |
 | ``router_escalation_rate`` | gauge | method | fraction escalated over the last ``WINDOW`` routing decisions |
+| ``router_escalation_window_items`` | gauge | method | routing decisions in that window (for its interval) |
 | ``router_degraded_total`` | counter | method | escalations answered by the edge (no replica answered in time) |
 | ``router_confidence`` | histogram | method, measure | edge confidence of every item |
 | ``router_edge_seconds`` | histogram | method | edge time per item (``ServedBy.edge_ms``: micro-batch wait + compute) |
@@ -104,6 +105,8 @@ class RouterMetrics:
                                    registry=r)
         self.escalation_rate = Gauge("router_escalation_rate", f"Escalated fraction of the last {WINDOW} decisions.",
                                      ["method"], registry=r)
+        self.escalation_window = Gauge("router_escalation_window_items", "Routing decisions in the escalation-rate "
+                                       "window.", ["method"], registry=r)
         self.degraded = Counter("router_degraded", "Escalations answered by the edge (cloud down or late).",
                                 ["method"], registry=r)
         self.confidence = Histogram("router_confidence", "Edge confidence per item.", ["method", "measure"],
@@ -156,6 +159,7 @@ class RouterMetrics:
         if count:
             self.escalations.labels(method=method).inc(count)
         self.escalation_rate.labels(method=method).set(window.rate)
+        self.escalation_window.labels(method=method).set(window.size)
         self._judge_drift(method, window)
 
     def _judge_drift(self, method: str, window: EscalationWindow) -> None:

@@ -10,10 +10,12 @@ time per item and of the cloud round trip, interpolated in the histogram buckets
 answers, and the thresholds in force. The expected escalation rate and its 95% band come from
 `--thresholds` (a file written by `python -m router.tune`) or else from the router itself
 (`router_escalation_expected`, from its thresholds file); it says DRIFT when the observed
-rate's own 95% interval lies outside that band (all time, and for the items since the last
-reading), or when the router's drift gauge is up. With shadow escalation on (router
+rate's own 95% interval lies outside that band: all time, for the items since the last reading,
+and over the router's sliding window (its last 1,000 decisions, or its drift gauge). With shadow escalation on (router
 --shadow-rate) it also shows the estimated edge/cloud agreement on kept items with its 95% Wilson
 interval.
+With `--once` the exit status is the router window's verdict: what traffic does now, which a re-tune
+changes within 1,000 decisions, while the all-time rate keeps the traffic from before it.
 Exit status: 0, or 1 when the endpoint cannot be read, 2 for bad arguments (a missing or
 bandless --thresholds file), or 4 with `--once` when it says DRIFT.
 """
@@ -34,6 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edge.calibration import expected_band, outside_band, wilson
+
+from .metrics import MIN_DRIFT_DECISIONS
 
 DRIFT_EXIT = 4
 # Shadow-escalation samples -> Snapshot.shadow key ("" = the sample's outcome label: sent, dropped, ...).
@@ -57,6 +61,7 @@ class Snapshot:
     router_drift: bool = False  # router_escalation_drift is 1 for some method
     taken: float = field(default_factory=time.monotonic)
     shadow: dict[str, float] = field(default_factory=dict)  # compared, agreed, window_rate, window_n, outcomes
+    window_items: float = 0.0  # decisions in the window of window_rate (router_escalation_window_items)
 
     @property
     def total(self) -> float:
@@ -73,7 +78,9 @@ HISTOGRAMS = {"router_edge_seconds_bucket": "edge", "router_cloud_seconds_bucket
 def parse(text: str) -> Snapshot:
     """Summarise a router's /metrics text."""
     items: dict[str, float] = {}
-    escalations = degraded = window = requests = 0.0
+    escalations = degraded = requests = 0.0
+    rates: dict[str, float] = {}  # method -> the router's window rate
+    sizes: dict[str, float] = {}  # method -> decisions in that window
     thresholds: dict[str, str] = {}
     buckets: dict[str, dict[float, float]] = {}
     expected: dict[str, float] = {}
@@ -94,7 +101,9 @@ def parse(text: str) -> Snapshot:
             elif name == "router_requests_total":
                 requests += value
             elif name == "router_escalation_rate":
-                window = max(window, value)
+                rates[labels.get("method", "")] = value
+            elif name == "router_escalation_window_items":
+                sizes[labels.get("method", "")] = value
             elif name == "router_thresholds_info":
                 thresholds = dict(labels)
             elif name in HISTOGRAMS:
@@ -108,7 +117,9 @@ def parse(text: str) -> Snapshot:
     band = None
     if {"rate", "low", "high"} <= expected.keys():
         band = expected["rate"], expected["low"], expected["high"]
-    return Snapshot(items, escalations, degraded, window, thresholds, requests, buckets, band, drift, shadow=shadow)
+    method = max(rates, key=rates.get, default="")  # the method whose window escalates most
+    return Snapshot(items, escalations, degraded, rates.get(method, 0.0), thresholds, requests, buckets, band, drift,
+                    shadow=shadow, window_items=sizes.get(method, 0.0))
 
 
 def percentile(buckets: dict[float, float], q: float) -> float | None:
@@ -133,6 +144,15 @@ def drifted(snap: Snapshot, band: tuple[float, float, float] | None) -> bool:
     if snap.router_drift:
         return True
     return band is not None and outside_band(snap.escalations, snap.total, band)
+
+
+def window_drifted(snap: Snapshot, band: tuple[float, float, float] | None) -> bool:
+    """The verdict on the router's sliding window (the ``--once`` exit status): its drift gauge, or, against
+    ``band``, the window rate's 95% interval once the window holds MIN_DRIFT_DECISIONS decisions."""
+    if snap.router_drift:
+        return True
+    n = int(snap.window_items)
+    return band is not None and n >= MIN_DRIFT_DECISIONS and outside_band(round(snap.window_rate * n), n, band)
 
 
 def shadow_rows(snap: Snapshot, previous: Snapshot | None) -> list[tuple[str, str]]:
@@ -170,7 +190,7 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
         table.add_row(f"items answered ({tier})", f"{count:,.0f}")
     low, high = wilson(snap.escalations, snap.total)
     table.add_row("escalation rate, all time", f"{snap.rate:.2%}  (95% {low:.2%} - {high:.2%})")
-    table.add_row("escalation rate, router window", f"{snap.window_rate:.2%}")
+    table.add_row("escalation rate, router window", f"{snap.window_rate:.2%}  ({snap.window_items:,.0f} decisions)")
     if previous is not None and snap.total > previous.total:
         recent = (snap.escalations - previous.escalations) / (snap.total - previous.total)
         table.add_row("escalation rate, since last reading", f"{recent:.2%}")
@@ -186,14 +206,21 @@ def render(snap: Snapshot, previous: Snapshot | None, band: tuple[float, float, 
                                     f"(version {snap.thresholds.get('version')})")
     if band is not None:
         table.add_row("calibrated rate", f"{band[0]:.2%}  (95% {band[1]:.2%} - {band[2]:.2%})")
-        table.add_row("status", "[bold red]DRIFT[/]" if drifted(snap, band) else "[green]within band[/]")
+        table.add_row("status, all time", _verdict(drifted(snap, band)))
         if previous is not None and snap.total > previous.total:
             recent = Snapshot({"": snap.total - previous.total}, snap.escalations - previous.escalations, 0.0, 0.0, {})
-            table.add_row("status, since last reading",
-                          "[bold red]DRIFT[/]" if drifted(recent, band) else "[green]within band[/]")
+            table.add_row("status, since last reading", _verdict(drifted(recent, band)))
+        if snap.window_items < MIN_DRIFT_DECISIONS and not snap.router_drift:
+            table.add_row("status, router window", f"too few decisions (< {MIN_DRIFT_DECISIONS})")
+        else:
+            table.add_row("status, router window", _verdict(window_drifted(snap, band)))
     elif snap.router_drift:
-        table.add_row("status", "[bold red]DRIFT[/] (the router's drift gauge)")
+        table.add_row("status, router window", "[bold red]DRIFT[/] (the router's drift gauge)")
     return table
+
+
+def _verdict(drift: bool) -> str:
+    return "[bold red]DRIFT[/]" if drift else "[green]within band[/]"
 
 
 def scrape(url: str, timeout: float) -> Snapshot:
@@ -244,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(render(snap, previous, shown))
         done += 1
         if args.once:
-            return DRIFT_EXIT if drifted(snap, shown) else 0
+            return DRIFT_EXIT if window_drifted(snap, shown) else 0
         if args.count and done >= args.count:
             return 0
         previous = snap

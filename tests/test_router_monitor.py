@@ -53,3 +53,26 @@ def test_wilson_interval_known_value() -> None:
     low, high = wilson(20, 100)
     assert abs(low - 0.1333) < 1e-3 and abs(high - 0.2888) < 1e-3
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_once_judges_the_router_window_not_the_traffic_before_a_retune(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """1,000 decisions at 50% escalation, then 1,000 at 20% (after a re-tune): all time says DRIFT,
+    the router's window (the last 1,000) is back in the band, and the --once exit follows the window."""
+    metrics = RouterMetrics()
+    for escalated in (500, 200):
+        flags = np.arange(1000) < escalated
+        metrics.record_decisions("Classify", "margin", np.zeros(flags.size), flags)
+        for up in flags:
+            metrics.record_item("Classify", "cloud" if up else "edge", False, 1.0, 2.0 if up else 0.0)
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        code = main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])
+    finally:
+        metrics.close()
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "35.00%" in out and "20.00%  (1,000 decisions)" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") == 3}
+    assert rows["status, all time"] == "DRIFT" and rows["status, router window"] == "within band"

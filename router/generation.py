@@ -69,34 +69,53 @@ class SegmentedGeneration:
 
     MODE = "segment"
 
-    def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
+    def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str, requested_width: int = 0) -> None:
         start = time.monotonic()
         self.core, self.inputs, self.request_id = core, inputs, request_id
-        # One policy for the whole generation: the stage of the generating width (a chain's widest by default).
+        # One set of stages for the whole generation: a chain router's chain when the request names no
+        # width, else that width alone. Each segment runs through them until one is confident.
         thresholds = core.thresholds.current
-        self.policy = thresholds.stage_for(core.level_of(inputs.width))
+        self.stages = core.edge_stages(thresholds, requested_width, inputs.width)
+        self.policy = self.stages[-1][1]  # the last stage: it judges what goes to the cloud
+        self.judged = (inputs.width, self.policy, 0.0)  # (width, stage, edge ms) of the current segment
         self.context: list[int] = inputs.prompt_ids.tolist()
         self.produced = 0
         self.finish = pb.FINISH_REASON_UNSPECIFIED
         self.text = IncrementalText(core.tokenizer.decode) if core.tokenizer is not None else None
         self.session = new_request_id()
-        self.worker = core.edge.pick()  # one worker for the whole generation: it keeps the recurrent state
+        self.sessions = {inputs.width: self.session}  # the worker's session per stage width (each its own state)
+        self.worker = core.edge.pick()  # one worker for the whole generation: it keeps the recurrent states
         self.last: pb.ServedBy | None = None
         # what the traffic log gets when the stream ends (None without --traffic-log)
         self.trace = (GenerationTrace(request_id, start, thresholds, self.policy, self.MODE, inputs.prompt_ids)
                       if core.traffic is not None else None)
 
-    def _segment_request(self, max_new: int) -> SegmentRequest:
+    def _segment_request(self, max_new: int, width: int | None = None) -> SegmentRequest:
         i = self.inputs
-        return SegmentRequest(self.session, np.asarray(self.context, dtype=np.int64), max_new, i.temperature,
-                              i.top_k, i.top_p, i.seed, i.width)
+        width = i.width if width is None else width
+        session = self.sessions.setdefault(width, f"{self.session}@{width}")
+        return SegmentRequest(session, np.asarray(self.context, dtype=np.int64), max_new, i.temperature,
+                              i.top_k, i.top_p, i.seed, width)
 
-    async def _edge_segment(self, max_new: int) -> SegmentOutput:
-        return await self.core.edge.generate_segment(self._segment_request(max_new), self.worker)
+    async def _edge_segment(self, max_new: int, width: int | None = None) -> SegmentOutput:
+        return await self.core.edge.generate_segment(self._segment_request(max_new, width), self.worker)
+
+    async def _judged_segment(self, max_new: int) -> tuple[SegmentOutput, float, bool]:
+        """The next segment through the stages: (the last stage's segment, its confidence, escalate?)."""
+        edge_ms = 0.0
+        for width, stage in self.stages:
+            seg = await self._edge_segment(max_new, width)
+            edge_ms += seg.compute_ms
+            conf = float(confidence(stage.measure, np.asarray([seg.logprobs]))[0])
+            self.judged = (width, stage, edge_ms)
+            if not conf < stage.threshold:
+                return seg, conf, False
+        return seg, conf, True
 
     def _served(self, tier: int, conf: float, seg: SegmentOutput, **extra) -> pb.ServedBy:
-        return served_by(self.core, self.policy, tier=tier, conf=conf, edge_ms=seg.compute_ms,
-                         width=self.inputs.width, batch_size=1, request_id=self.request_id, **extra)
+        width, stage, edge_ms = self.judged
+        return served_by(self.core, stage, tier=tier, conf=conf, edge_ms=max(edge_ms, seg.compute_ms),
+                         width=width, batch_size=1, request_id=self.request_id, **extra)
 
     def _accept(self, tokens: Sequence[int], logprobs: Sequence[float], served: pb.ServedBy) -> pb.GenerateChunk:
         """Append tokens to the generation and make their chunk."""
@@ -116,13 +135,11 @@ class SegmentedGeneration:
         try:
             while self.produced < self.inputs.max_tokens and self.finish == pb.FINISH_REASON_UNSPECIFIED:
                 k = min(self.core.segment_tokens, self.inputs.max_tokens - self.produced)
-                seg = await self._edge_segment(k)
-                conf = float(confidence(self.policy.measure, np.asarray([seg.logprobs]))[0])
-                escalate = conf < self.policy.threshold
-                self.core.metrics.record_decisions("Generate", self.policy.measure, np.array([conf]),
+                seg, conf, escalate = await self._judged_segment(k)
+                self.core.metrics.record_decisions("Generate", self.judged[1].measure, np.array([conf]),
                                                    np.array([escalate]))
                 if self.trace is not None:
-                    self.trace.begin(seg.logprobs, seg.compute_ms, escalated=escalate)
+                    self.trace.begin(seg.logprobs, self.judged[2], escalated=escalate)
                 if not escalate:
                     yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg))
                     continue
@@ -130,7 +147,8 @@ class SegmentedGeneration:
                     yield chunk
             yield self._final()
         finally:
-            self.core.edge.end_session(self.worker, self.session)
+            for session in self.sessions.values():
+                self.core.edge.end_session(self.worker, session)
 
     def _final(self) -> pb.GenerateChunk:
         finish = self.finish or pb.FINISH_REASON_LENGTH
@@ -171,7 +189,9 @@ class SegmentedGeneration:
         if missing <= 0 or self.finish != pb.FINISH_REASON_UNSPECIFIED:
             return
         if missing < len(seg.tokens) or err.partial:  # the context moved on: generate the rest anew
-            seg = await self._edge_segment(missing)
+            width, stage, edge_ms = self.judged
+            seg = await self._edge_segment(missing, width)
+            self.judged = (width, stage, edge_ms + seg.compute_ms)
             if self.trace is not None:
                 self.trace.items[-1]["edge_ms"] += seg.compute_ms
         yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg, degraded=True))
@@ -195,7 +215,7 @@ async def generate_chunks(core: RouterCore, request: pb.GenerateRequest) -> Asyn
         kind = SpeculativeGeneration
     else:
         kind = SegmentedGeneration
-    generation = kind(core, inputs, inputs.request_id or new_request_id())
+    generation = kind(core, inputs, inputs.request_id or new_request_id(), request.width)
     outcome, finish, error = "failed", "", ""
     try:
         async for chunk in generation.chunks():

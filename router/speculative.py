@@ -201,8 +201,8 @@ class SpeculativeGeneration(SegmentedGeneration):
 
     MODE = "speculative"
 
-    def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str) -> None:
-        super().__init__(core, inputs, request_id)
+    def __init__(self, core: RouterCore, inputs: GenerateInputs, request_id: str, requested_width: int = 0) -> None:
+        super().__init__(core, inputs, request_id, inputs.width)  # drafts at one width: a chain's widest by default
         self.draft_length = DraftLength(core.draft_tokens)
         self.cloud = CloudSession(core.cloud, inputs, request_id)
 

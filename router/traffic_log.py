@@ -202,7 +202,7 @@ class GenerationTrace:
     request_id: str
     start: float  # time.monotonic() when the router took the request
     policy: Any  # the Thresholds in force when the stream started
-    stage: Any  # its Stage that judges the segments (that of the generating width)
+    stage: Any  # its Stage that judges what goes to the cloud (that of the generating width; a chain's last)
     mode: str  # "segment" or "speculative"
     prompt: np.ndarray  # (L,) prompt token ids
     items: list[dict[str, Any]] = field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 from edge.results import EdgeInfo, SegmentOutput, SegmentRequest
@@ -149,3 +150,72 @@ def test_incremental_text_never_splits_a_character() -> None:
     text = IncrementalText(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
     pieces = [text.push([b]) for b in data]
     assert "".join(pieces) + text.flush() == "café ☕" and "\ufffd" not in "".join(pieces)
+
+
+# ------------------------------------------------------------------ a chain of edge stages (--edge-level 4,2)
+
+CHAIN_INFO = dataclasses.replace(INFO, edge_level=2, edge_width=32)
+NARROW, WIDE = 16, 32  # levels 4 and 2 of d_model 64
+
+
+class StageEdge(ScriptedEdge):
+    """Writes 'n' at the narrow width and 'w' at the wide one, with a log-probability per width."""
+
+    def __init__(self, logprob: dict[int, float]) -> None:
+        super().__init__([])
+        self.logprob = logprob
+
+    async def generate_segment(self, request: SegmentRequest, worker: int) -> SegmentOutput:
+        self.requests.append(request)
+        tokens = [ord("n" if request.width == NARROW else "w")] * request.max_new
+        return SegmentOutput(tokens, [self.logprob[request.width]] * len(tokens), False, 1.5)
+
+
+def _chain_core(edge: ScriptedEdge, cloud: ScriptedCloud) -> RouterCore:
+    limits = ModelLimits.lm(vocab_size=300, supported_widths=(WIDE, NARROW), default_width=WIDE)
+    store = ThresholdStore(task="lm", fingerprint=INFO.fingerprint, edge_levels=(4, 2))
+    return RouterCore(CHAIN_INFO, limits, edge, cloud, store, RouterMetrics(), ByteText(), segment_tokens=4,
+                      chain=(4, 2))
+
+
+def _chain_generate(core: RouterCore, max_tokens: int, width: int = 0) -> list[pb.GenerateChunk]:
+    async def main() -> list[pb.GenerateChunk]:
+        request = pb.GenerateRequest(text="Hi", max_tokens=max_tokens, temperature=0.0, width=width)
+        return [c async for c in generate_chunks(core, request)]
+
+    return asyncio.run(main())
+
+
+def test_a_chain_answers_from_its_first_confident_stage() -> None:
+    edge, cloud = StageEdge({NARROW: CONFIDENT, WIDE: CONFIDENT}), ScriptedCloud()
+    chunks = _chain_generate(_chain_core(edge, cloud), 8)
+    assert "".join(t for _, _, t in _tiers(chunks)) == "nnnnnnnn" and not cloud.requests
+    assert [r.width for r in edge.requests] == [NARROW, NARROW]  # the wide stage never ran
+    assert all(c.served_by.level == 4 and c.served_by.edge_ms == 1.5 for c in chunks if c.token_ids)
+
+
+def test_a_doubtful_narrow_segment_goes_to_the_wide_stage_then_the_cloud() -> None:
+    edge, cloud = StageEdge({NARROW: DOUBTFUL, WIDE: CONFIDENT}), ScriptedCloud()
+    core = _chain_core(edge, cloud)
+    chunks = _chain_generate(core, 8)
+    assert "".join(t for _, _, t in _tiers(chunks)) == "wwwwwwww" and not cloud.requests
+    assert [r.width for r in edge.requests] == [NARROW, WIDE, NARROW, WIDE]
+    served = [c.served_by for c in chunks if c.token_ids]
+    assert all(s.tier == pb.EDGE and s.level == 2 and s.width == WIDE and s.edge_ms == 3.0 for s in served)
+    assert list(edge.requests[2].context[-4:]) == [ord("w")] * 4  # the narrow stage goes on after the wide tokens
+    sessions = {r.width: r.session for r in edge.requests}
+    assert len(set(sessions.values())) == 2 and sorted(edge.ended) == sorted(sessions.values())
+
+    edge, cloud = StageEdge({NARROW: DOUBTFUL, WIDE: DOUBTFUL}), ScriptedCloud()
+    core = _chain_core(edge, cloud)
+    chunks = _chain_generate(core, 4)
+    assert "".join(t for _, _, t in _tiers(chunks)) == "CCCC" and len(cloud.requests) == 1
+    assert chunks[0].served_by.confidence == DOUBTFUL and chunks[0].served_by.edge_ms == 3.0
+    assert core.metrics.registry.get_sample_value("router_escalations_total", {"method": "Generate"}) == 1
+
+
+def test_a_request_naming_a_width_runs_that_width_alone() -> None:
+    edge, cloud = StageEdge({NARROW: DOUBTFUL, WIDE: CONFIDENT}), ScriptedCloud()
+    chunks = _chain_generate(_chain_core(edge, cloud), 4, width=NARROW)
+    assert [r.width for r in edge.requests] == [NARROW] and len(cloud.requests) == 1
+    assert "".join(t for _, _, t in _tiers(chunks)) == "CCCC"

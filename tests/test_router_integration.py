@@ -9,6 +9,7 @@ serving a different checkpoint (a fingerprint mismatch). Two routers run in this
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -417,6 +418,55 @@ def test_generation_segments_come_from_the_edge_or_the_cloud(routers: Routers, b
                 i += 1
             assert segment == _cloud_continuation(backends.lm.address, context, len(segment))
         context, produced = context + segment, produced + len(segment)
+
+
+@pytest.mark.slow
+def test_a_chain_router_generates_each_segment_at_its_first_confident_stage(backends: Backends, tmp_path: Path) -> None:
+    """--edge-level 8,4 on the LM: a segment is level 8's when it is confident enough, else level 4's, else the
+    cloud's; replayed token for token from each tier, and a level-4 or cloud segment was doubtful at level 8."""
+    full = load_model(LM)
+    t8, t4 = -1.2, -1.7
+    path = tmp_path / "chain.json"
+    path.write_text(json.dumps({"stages": [{"edge_level": 8, "measure": "mean_token_logprob", "threshold": t8},
+                                           {"edge_level": 4, "measure": "mean_token_logprob", "threshold": t4}],
+                                "version": "lm-chain", "checkpoint_fingerprint": full.fingerprint}))
+    config = _router_config(LM, (backends.lm.address,))
+    router = RouterThread(dataclasses.replace(config, edge_level=8, edge_levels=(8, 4), thresholds=path))
+    router.begin()
+    try:
+        router.wait()
+        prompt = "It is a truth universally acknowledged"
+        with EdgeClient(router.server.address) as client:
+            chunks = [c for c in client.generate(prompt, max_tokens=40, temperature=0.0) if c.token_ids]
+    finally:
+        router.stop()
+    context, k = full.tokenizer.encode(prompt), config.segment_tokens
+
+    def edge(level: int, n: int) -> tuple[list[int], float]:  # a level's greedy continuation, its mean log-prob
+        stream = full.generate_stream(torch.tensor([context]), n, mrl_level=level, temperature=0.0,
+                                      eos_id=full.tokenizer.eos_id)
+        pairs = [(int(t[0]), float(lp[0])) for t, lp in stream]
+        return [t for t, _ in pairs], float(np.mean([lp for _, lp in pairs]))
+
+    levels, i = [], 0
+    while i < len(chunks):
+        level = full.config.d_model // chunks[i].served.width  # the stage that answered (1: the cloud)
+        if chunks[i].tier == "edge":
+            segment, n = list(chunks[i].token_ids), 1
+            tokens, conf = edge(level, len(segment))
+            assert segment == tokens and conf >= (t8 if level == 8 else t4)
+        else:
+            segment, n = [], 0
+            while i + n < len(chunks) and chunks[i + n].tier == "cloud" and len(segment) < k:
+                segment += chunks[i + n].token_ids
+                n += 1
+            assert segment == _cloud_continuation(backends.lm.address, context, len(segment))
+        if level != 8:
+            assert edge(8, len(segment))[1] < t8  # level 8 doubted it first
+        levels.append(level)
+        context, i = context + segment, i + n
+    assert not any(c.degraded for c in chunks)
+    assert set(levels) - {8}, "every segment stayed at level 8: the chain's later stages never ran"
 
 
 def test_edge_cli_streams_a_generation(routers: Routers) -> None:

@@ -86,6 +86,7 @@ class SegmentedGeneration:
         self.sessions = {inputs.width: self.session}  # the worker's session per stage width (each its own state)
         self.worker = core.edge.pick()  # one worker for the whole generation: it keeps the recurrent states
         self.last: pb.ServedBy | None = None
+        self._item: pb.ServedBy | None = None  # the metrics item (a segment, or a speculative round) being streamed
         # what the traffic log gets when the stream ends (None without --traffic-log)
         self.trace = (GenerationTrace(request_id, start, thresholds, self.policy, self.MODE, inputs.prompt_ids)
                       if core.traffic is not None else None)
@@ -126,9 +127,22 @@ class SegmentedGeneration:
         self.last = served
         if self.trace is not None:
             self.trace.add(len(tokens), served)
-        record_items(self.core, "Generate", [served])
+        if self._item is None:
+            self._item = pb.ServedBy()
+            self._item.CopyFrom(served)
+        else:  # a cloud segment streams as several chunks: one item, the cloud's if any chunk is
+            item = self._item
+            item.tier = pb.CLOUD if pb.CLOUD in (item.tier, served.tier) else item.tier
+            item.degraded = item.degraded or served.degraded
+            item.edge_ms, item.cloud_ms = max(item.edge_ms, served.edge_ms), max(item.cloud_ms, served.cloud_ms)
         text = self.text.push(tokens) if self.text is not None else ""
         return pb.GenerateChunk(token_ids=tokens, text=text, logprobs=logprobs, served_by=served)
+
+    def _end_item(self) -> None:
+        """Count the segment (or round) just streamed in the metrics: one item however many chunks it took."""
+        if self._item is not None:
+            record_items(self.core, "Generate", [self._item])
+            self._item = None
 
     async def chunks(self) -> AsyncIterator[pb.GenerateChunk]:
         """The stream: chunks of accepted tokens, then a last chunk with the finish reason."""
@@ -142,11 +156,13 @@ class SegmentedGeneration:
                     self.trace.begin(seg.logprobs, self.judged[2], escalated=escalate)
                 if not escalate:
                     yield self._accept(seg.tokens, seg.logprobs, self._served(pb.EDGE, conf, seg))
-                    continue
-                async for chunk in self._cloud_segment(seg, conf, k):
-                    yield chunk
+                else:
+                    async for chunk in self._cloud_segment(seg, conf, k):
+                        yield chunk
+                self._end_item()
             yield self._final()
         finally:
+            self._end_item()
             for session in self.sessions.values():
                 self.core.edge.end_session(self.worker, session)
 

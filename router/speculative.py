@@ -214,8 +214,10 @@ class SpeculativeGeneration(SegmentedGeneration):
                 seg = await self._draft(min(self.draft_length.k, remaining - 1))
                 async for chunk in self._round(seg, remaining):
                     yield chunk
+                self._end_item()
             yield self._final()
         finally:
+            self._end_item()
             self.cloud.close()
             self.core.edge.end_session(self.worker, self.session)
 

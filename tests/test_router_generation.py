@@ -219,3 +219,21 @@ def test_a_request_naming_a_width_runs_that_width_alone() -> None:
     chunks = _chain_generate(_chain_core(edge, cloud), 4, width=NARROW)
     assert [r.width for r in edge.requests] == [NARROW] and len(cloud.requests) == 1
     assert "".join(t for _, _, t in _tiers(chunks)) == "CCCC"
+
+
+def test_a_segment_is_one_item_however_many_chunks_it_streams() -> None:
+    """The cloud streams a segment token by token; the metrics count segments, as they count decisions."""
+    core = _core(ScriptedEdge([CONFIDENT, DOUBTFUL, CONFIDENT]), ScriptedCloud())
+    chunks = _generate(core, 12)
+    assert sum(1 for c in chunks if c.served_by.tier == pb.CLOUD) == 4  # one segment, four chunks
+    m = core.metrics.registry
+    items = {tier: m.get_sample_value("router_items_total", {"method": "Generate", "tier": tier, "degraded": "false"})
+             for tier in ("edge", "cloud")}
+    assert items == {"edge": 2, "cloud": 1}
+    assert m.get_sample_value("router_escalations_total", {"method": "Generate"}) == 1
+
+    core = _core(ScriptedEdge([DOUBTFUL, CONFIDENT]), ScriptedCloud(fail_after=3))
+    _generate(core, 4)  # 3 cloud tokens, then the edge completes the segment, degraded
+    m = core.metrics.registry
+    assert m.get_sample_value("router_items_total", {"method": "Generate", "tier": "cloud", "degraded": "true"}) == 1
+    assert m.get_sample_value("router_degraded_total", {"method": "Generate"}) == 1

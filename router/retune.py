@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
     policy = items.last["thresholds"]
+    if policy.get("chain"):
+        p.error(f"this log comes from a chain router (--edge-level {','.join(map(str, policy['chain']))}); re-tuning "
+                "a chain from the log is not supported: tune it with `python -m router.tune --data ...`, which "
+                "tunes a chain's stages jointly")
     target = args.target_escalation if args.target_escalation is not None else (policy.get("target") or None)
     measure = args.measure or policy["measure"]
     if measure not in items.conf:

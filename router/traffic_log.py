@@ -179,7 +179,8 @@ def _request_fields(method: str, request_id: str, start: float, policy: Any, *, 
     return {"v": FORMAT_VERSION, "kind": "request", "key": key, "id": request_id, "t": time.time(),
             "method": method, "task": task, "fingerprint": fingerprint, "edge_level": edge_level,
             "thresholds": {"measure": judge.measure, "threshold": judge.threshold, "version": p.version,
-                           "target": p.target_escalation},
+                           "target": p.target_escalation, **({"chain": [s.edge_level for s in p.stages]}
+                                                            if p.stages else {})},
             "shadow_rate": shadow_rate, "router_ms": (time.monotonic() - start) * 1e3}
 
 

@@ -8,6 +8,7 @@ true agreement of any policy is known in closed form (by a large Monte Carlo sam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from proto import matmamba_pb2 as pb
 from router import retune
 from router.monitor import expected_band, wilson
 from router.shadow import shadow_record
-from router.thresholds import Thresholds, load_thresholds
+from router.thresholds import Stage, Thresholds, load_thresholds
 from router.traffic_log import LogSettings, Observed, TrafficLog, request_record
 from router.tune import main as tune_main
 
@@ -162,3 +163,14 @@ def test_report_only_and_bad_arguments(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         tune_main(["--from-log", str(tmp_path / "empty")])
     assert "no traffic-NNNNNN.msgpack files" in capsys.readouterr().err
+
+
+def test_a_chain_routers_log_is_refused_with_what_to_do(tmp_path: Path, capsys) -> None:
+    chain = dataclasses.replace(_policy(0.8), stages=(Stage(8, "max_softmax", 0.9), Stage(4, "max_softmax", 0.8)))
+    log = _log(tmp_path / "log")
+    write_traffic(log, np.random.default_rng(6), 50, EASY, chain, 0.0, t0=0.0)
+    log.close()
+    with pytest.raises(SystemExit) as exit_:
+        tune_main(["--from-log", str(tmp_path / "log"), "--target-escalation", "0.2"])
+    assert exit_.value.code == 2
+    assert "chain router (--edge-level 8,4)" in capsys.readouterr().err

@@ -13,12 +13,14 @@ from router.metrics import RouterMetrics
 from router.monitor import DRIFT_EXIT, main
 
 
-def serve_metrics(escalated: int, kept: int) -> tuple[RouterMetrics, int]:
+def serve_metrics(*batches: tuple[int, int]) -> tuple[RouterMetrics, int]:
+    """A router registry that recorded each batch of (escalated, kept) decisions in turn, served on 127.0.0.1."""
     metrics = RouterMetrics()
-    flags = np.array([True] * escalated + [False] * kept)
-    metrics.record_decisions("Classify", "margin", np.linspace(0, 1, flags.size), flags)
-    for up in flags:
-        metrics.record_item("Classify", "cloud" if up else "edge", False, 1.0, 2.0 if up else 0.0)
+    for escalated, kept in batches:
+        flags = np.array([True] * escalated + [False] * kept)
+        metrics.record_decisions("Classify", "margin", np.linspace(0, 1, flags.size), flags)
+        for up in flags:
+            metrics.record_item("Classify", "cloud" if up else "edge", False, 1.0, 2.0 if up else 0.0)
     return metrics, metrics.serve("127.0.0.1", 0)
 
 
@@ -32,7 +34,7 @@ def band_file(tmp_path: Path, rate: float, low: float, high: float) -> Path:
 @pytest.mark.parametrize("escalated, kept, expected_exit", [(200, 800, 0), (500, 500, DRIFT_EXIT)])
 def test_once_reports_the_rate_and_flags_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                escalated: int, kept: int, expected_exit: int) -> None:
-    metrics, port = serve_metrics(escalated, kept)
+    metrics, port = serve_metrics((escalated, kept))
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         code = main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])
@@ -59,13 +61,7 @@ def test_once_judges_the_router_window_not_the_traffic_before_a_retune(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """1,000 decisions at 50% escalation, then 1,000 at 20% (after a re-tune): all time says DRIFT,
     the router's window (the last 1,000) is back in the band, and the --once exit follows the window."""
-    metrics = RouterMetrics()
-    for escalated in (500, 200):
-        flags = np.arange(1000) < escalated
-        metrics.record_decisions("Classify", "margin", np.zeros(flags.size), flags)
-        for up in flags:
-            metrics.record_item("Classify", "cloud" if up else "edge", False, 1.0, 2.0 if up else 0.0)
-    port = metrics.serve("127.0.0.1", 0)
+    metrics, port = serve_metrics((500, 500), (200, 800))
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         code = main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])

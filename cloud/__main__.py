@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from proto.ports import port_range_error
 from proto.security import add_server_security_flags, server_security_from_args
 
 from .server import ServerConfig, serve
@@ -23,7 +24,6 @@ LOG_FORMAT_WORKERS = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message
 
 DEFAULTS = ServerConfig()
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MAX_PORT = 65535
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     several = args.workers > 1 or args.control_fd is not None
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT_WORKERS if several else LOG_FORMAT)
     for flag, port, lowest in (("--port", args.port, 0), ("--metrics-port", args.metrics_port, -1)):
-        if not lowest <= port <= MAX_PORT:  # grpc would silently take the port modulo 65536
-            parser.error(f"{flag} must be in {lowest}..{MAX_PORT}, got {port}")
+        if error := port_range_error(flag, port, lowest):
+            parser.error(error)
     try:
         config = config_from_args(args)
     except ValueError as err:

@@ -25,6 +25,7 @@ from typing import TextIO
 import numpy as np
 from rich.console import Console
 
+from proto.ports import MAX_PORT, port_beyond_range
 from proto.security import add_channel_security_flags, channel_security_from_args
 
 from . import demo
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; errors are logged and give exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    port = args.router.rpartition(":")[2]
-    if port.isdigit() and int(port) > 65535:  # grpc would dial the port modulo 65536
-        parser.error(f"--router {args.router}: a port must be in 0..65535")
+    if port_beyond_range(args.router):
+        parser.error(f"--router {args.router}: a port must be in 0..{MAX_PORT}")
     if not args.timeout > 0:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if getattr(args, "concurrency", 1) < 1:

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import matmamba_pb2 as pb
 from proto import matmamba_pb2_grpc as pb_grpc
+from proto.ports import MAX_PORT, port_beyond_range
 from proto.security import PLAINTEXT, ChannelSecurity
 from proto.tensors import from_tensor_msg, to_tensor_msg
 
@@ -75,7 +76,6 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
-MAX_PORT = 65535
 # CANCELLED: this client never cancels a call it retries, so the code comes from a server that shut
 # down with the call received but not yet handled (grpc-core reports those CANCELLED, grpc/grpc#41785);
 # every RPC retried here is idempotent, and a stream is retried only before its first chunk.
@@ -173,8 +173,7 @@ class EdgeClient:
 
     def __init__(self, address: str = DEFAULT_ROUTER, *, timeout_s: float = 30.0, retry: RetryPolicy = RetryPolicy(),
                  security: ChannelSecurity = PLAINTEXT) -> None:
-        port = address.rpartition(":")[2]
-        if port.isdigit() and int(port) > MAX_PORT:  # grpc would dial the port modulo 65536
+        if port_beyond_range(address):
             raise ValueError(f"router address {address!r}: a port must be in 0..{MAX_PORT}")
         self.address, self.timeout_s, self.retry = address, timeout_s, retry
         options = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.max_send_message_length", 64 * MIB),

@@ -15,6 +15,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .ports import MAX_PORT, port_beyond_range
 from .security import PLAINTEXT, ChannelSecurity, add_channel_security_flags, channel_security_from_args
 
 SERVING, NOT_SERVING, NO_ANSWER = 0, 1, 2
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     host, _, port = args.address.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        p.error(f"address must be HOST:PORT with a port in 0..65535, got {args.address!r}")
+    if not host or not port.isdigit() or port_beyond_range(args.address):
+        p.error(f"address must be HOST:PORT with a port in 0..{MAX_PORT}, got {args.address!r}")
     if not args.timeout > 0:
         p.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     try:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from matmamba.pretrained import CONFIG_FILE
+from proto.ports import MAX_PORT, port_beyond_range, port_range_error
 from proto.security import (
     add_channel_security_flags,
     add_server_security_flags,
@@ -27,7 +28,6 @@ log = logging.getLogger("router")
 
 DEFAULTS = RouterConfig(checkpoint=Path("."), edge_level=1, cloud=())
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MAX_PORT = 65535
 RAY_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -130,11 +130,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         security=server_security_from_args(args), cloud_security=channel_security_from_args(args, "cloud-"))
 
 
-def _port_beyond_range(address: str) -> bool:
-    port = address.rpartition(":")[2]
-    return port.isdigit() and int(port) > MAX_PORT
-
-
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -160,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for flag, port, lowest in (("--port", args.port, 0), ("--metrics-port", args.metrics_port, -1)):
-        if not lowest <= port <= MAX_PORT:  # grpc would silently take the port modulo 65536
-            parser.error(f"{flag} must be in {lowest}..{MAX_PORT}, got {port}")
-    far = [a.strip() for a in args.cloud.split(",") if _port_beyond_range(a.strip())]
+        if error := port_range_error(flag, port, lowest):
+            parser.error(error)
+    far = [a.strip() for a in args.cloud.split(",") if port_beyond_range(a.strip())]
     if far:  # grpc would dial the port modulo 65536, another server's perhaps
         parser.error(f"--cloud {','.join(far)}: a port must be in 0..{MAX_PORT}")
     try:

@@ -31,15 +31,20 @@ def band_file(tmp_path: Path, rate: float, low: float, high: float) -> Path:
     return path
 
 
+def once_against(tmp_path: Path, *batches: tuple[int, int]) -> int:
+    """`router.monitor --once` against a router registry fed ``batches``, with the band 18-22 % around 20 %."""
+    metrics, port = serve_metrics(*batches)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        return main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])
+    finally:
+        metrics.close()
+
+
 @pytest.mark.parametrize("escalated, kept, expected_exit", [(200, 800, 0), (500, 500, DRIFT_EXIT)])
 def test_once_reports_the_rate_and_flags_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                escalated: int, kept: int, expected_exit: int) -> None:
-    metrics, port = serve_metrics((escalated, kept))
-    try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        code = main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])
-    finally:
-        metrics.close()
+    code = once_against(tmp_path, (escalated, kept))
     out = capsys.readouterr().out
     assert code == expected_exit
     assert f"{escalated / (escalated + kept):.2%}" in out
@@ -61,12 +66,7 @@ def test_once_judges_the_router_window_not_the_traffic_before_a_retune(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """1,000 decisions at 50% escalation, then 1,000 at 20% (after a re-tune): all time says DRIFT,
     the router's window (the last 1,000) is back in the band, and the --once exit follows the window."""
-    metrics, port = serve_metrics((500, 500), (200, 800))
-    try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        code = main(["--metrics", url, "--thresholds", str(band_file(tmp_path, 0.2, 0.18, 0.22)), "--once"])
-    finally:
-        metrics.close()
+    code = once_against(tmp_path, (500, 500), (200, 800))
     out = capsys.readouterr().out
     assert code == 0
     assert "35.00%" in out and "20.00%  (1,000 decisions)" in out

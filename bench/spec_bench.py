@@ -159,6 +159,13 @@ def generate(address: str, prompt: list[int], tokens: int, **fields) -> tuple[li
         return out, time.perf_counter() - start, drafted, accepted
 
 
+def first_difference(output: list[int], reference: list[int]) -> int | None:
+    """Index of the first token where output and reference differ (or one ends early); None when equal."""
+    if output == reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(output, reference)) if a != b), min(len(output), len(reference)))
+
+
 def measure(name: str, address: str, cloud: CloudProcess, prompts: list[list[int]], plan: Plan,
             methods: tuple[str, ...], reference: list[list[int]] | None, progress, **fields) -> dict[str, Any]:
     before = cloud.compute()
@@ -175,6 +182,7 @@ def measure(name: str, address: str, cloud: CloudProcess, prompts: list[list[int
         calls = sum(len(o) for o in outputs)
     return {
         "name": name, "outputs": outputs, "identical": reference is None or outputs == reference,
+        "first_difference": None if reference is None else [first_difference(o, r) for o, r in zip(outputs, reference)],
         "tokens_per_s_median": float(np.median([len(o) / s for o, s in zip(outputs, seconds)])),
         "seconds": seconds, "generated": generated, "drafted": drafted, "accepted": accepted,
         "acceptance": accepted / drafted if drafted else None,

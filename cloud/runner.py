@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import matmamba
 from matmamba.cuda_graphs import BucketedForward, ChunkGraphs, DecodeGraphs, ForwardGraphs, graph_buckets
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
-from matmamba.devices import describe_device, resolve_device
+from matmamba.devices import describe_device, resolve_device, use_ieee_fp32
 from proto import matmamba_pb2 as pb
 from proto.validate import GenerateInputs, ModelLimits
 
@@ -90,6 +90,8 @@ class ModelRunner:
         self.model, self.device, self.config = model, device, model.config
         self.width = width if width is not None else self.config.d_model
         self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        if device.type == "cuda" and not self.bf16:  # fp32 means fp32: a verified chunk equals the steps it replaces
+            use_ieee_fp32()
         self.is_lm = isinstance(model, matmamba.MatMambaLM)
         self.tokenizer = getattr(model, "tokenizer", None)
         self.widths = served_widths(self.config, self.width)

@@ -188,7 +188,7 @@ class _ChunkSlot:
 
 
 class ChunkGraphs:
-    """``model(ids, cache=cache, keep_states=True)`` captured per (widths, batch, length) and replayed after.
+    """``model(ids, cache=cache, keep_states=True)`` (its unchecked body) captured per (widths, batch, length) and replayed after.
 
     For speculative verification: each round reads a short chunk (the pending token and k drafts) from a
     session's cache, a forward pass of a few hundred kernels that is launch-bound on a GPU. A replay
@@ -219,7 +219,7 @@ class ChunkGraphs:
             device = self.model.lm_head.weight.device
             cache = self.model.backbone.allocate_cache(batch, widths, device)
             ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-            graph, logits = self._capture(lambda: self.model(ids, cache=cache, keep_states=True),
+            graph, logits = self._capture(lambda: self.model.forward_unchecked(ids, widths, cache, keep_states=True),
                                           self.autocast_dtype)
             slot = self._slots[(widths, batch, length)] = _ChunkSlot(cache, ids, logits, graph)
         return slot
@@ -232,6 +232,7 @@ class ChunkGraphs:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """ids (batch, length) on the model's device -> logits (batch, length, vocab); updates ``cache``."""
+        self.model.check_ids(ids)  # an out-of-vocabulary id inside a replay would fault the whole CUDA context
         batch, length = ids.shape
         slot = self._slot(cache.widths, batch, length)
         for static, state in zip(slot.cache.states, cache.states):

@@ -37,7 +37,8 @@ class MatMambaLM(PretrainedMixin, nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
         init_weights(self)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError / TypeError unless input_ids is a (batch, length>0) integer tensor of in-vocabulary ids."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length>0), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -56,11 +57,17 @@ class MatMambaLM(PretrainedMixin, nn.Module):
         `cache.rewind(t)` returns to the state after the first t tokens of this call (speculative
         verification reads k drafted tokens in one pass, then keeps only the accepted ones).
         """
-        self._check_ids(input_ids)
+        self.check_ids(input_ids)
         if keep_states and cache is None:
             raise ValueError("keep_states needs a cache to continue from (allocate_cache)")
         spec = cache.widths if cache is not None and widths is None and mrl_level is None else \
             self.backbone.resolve_widths(mrl_level, widths)
+        return self.forward_unchecked(input_ids, spec, cache, keep_states)
+
+    def forward_unchecked(self, input_ids: torch.Tensor, spec: tuple[int, ...], cache: InferenceCache | None = None,
+                          keep_states: bool = False) -> torch.Tensor:
+        """``forward`` without its input checks, which read the ids back to the host: what a CUDA graph
+        captures (a capture may not synchronise). The caller checks the ids (``check_ids``) before a replay."""
         h = self.backbone(self.backbone.embedding(input_ids), spec, cache, keep_states)
         return self._head(h)
 

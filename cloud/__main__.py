@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most items per model call and per request (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms,
                    help="how long a batch waits for more requests after its first (default %(default)s)")
+    p.add_argument("--wait-when-idle", action="store_true",
+                   help="wait --max-wait-ms for company even when a request finds the server idle "
+                        "(default: it runs at once)")
     p.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                    help="requests that may wait; more get RESOURCE_EXHAUSTED (default %(default)s)")
     p.add_argument("--max-message-mb", type=int, default=DEFAULTS.max_message_mb,
@@ -79,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         checkpoint=args.checkpoint, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, width=args.width, device=args.device,
         precision=args.precision, cpu_threads=args.cpu_threads, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_message_mb=args.max_message_mb,
+        max_wait_ms=args.max_wait_ms, wait_when_idle=args.wait_when_idle, max_queue=args.max_queue, max_message_mb=args.max_message_mb,
         max_generate=args.max_generate, max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
         max_seq_len=args.max_seq_len, grace_s=args.grace, max_sessions=args.max_sessions,
         session_ttl_s=args.session_ttl_s, max_draft_tokens=args.max_draft_tokens,

@@ -8,7 +8,10 @@ Semantics (docs/CLOUD.md has the operator's version):
 3. One worker coroutine serves all queues. It takes the queue whose head request is the oldest,
    waits until that queue holds ``max_batch`` items or ``max_wait_s`` has passed since the head
    arrived, then pops requests in order while their items fit in ``max_batch`` (a request is
-   never split).
+   never split). A request that finds the batcher idle (nothing queued, no batch running) does
+   not wait: it runs with whatever arrived in the same event-loop turn. Waiting for company pays
+   only under load, and then requests queue up while the previous batch runs anyway
+   (``wait_when_idle=True`` makes idle arrivals wait too).
 4. Requests whose RPC was cancelled or whose deadline has passed are dropped at that moment,
    before any compute (the latter answered DEADLINE_EXCEEDED).
 5. The batch runs in ``executor`` (a single thread, so the event loop never blocks and batches
@@ -105,12 +108,13 @@ class DynamicBatcher:
     """Batches submitted payloads per key and runs them with ``run_batch`` in ``executor``."""
 
     def __init__(self, run_batch: RunBatch, executor: Executor, *, max_batch: int, max_wait_s: float,
-                 max_queue: int, metrics: CloudMetrics | None = None) -> None:
+                 max_queue: int, metrics: CloudMetrics | None = None, wait_when_idle: bool = False) -> None:
         if max_batch <= 0 or max_queue <= 0 or max_wait_s < 0:
             raise ValueError(f"need max_batch > 0, max_queue > 0, max_wait_s >= 0; got {max_batch}, "
                              f"{max_queue}, {max_wait_s}")
         self._run_batch, self._executor = run_batch, executor
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.wait_when_idle = wait_when_idle
         self._metrics = metrics
         self._queues = _Queues()
         self._arrived = asyncio.Event()
@@ -157,13 +161,18 @@ class DynamicBatcher:
     # ------------------------------------------------------------------ the worker
 
     async def _work(self) -> None:
+        idle = True  # nothing queued and no batch running: the next request runs without waiting
         while True:
             key = self._queues.oldest_key()
             if key is None:
                 self._arrived.clear()
                 await self._arrived.wait()
+                await asyncio.sleep(0)  # requests submitted in the same loop turn join the first
+                idle = True
                 continue
-            await self._fill(key)
+            if not idle or self.wait_when_idle:
+                await self._fill(key)
+            idle = False
             batch = self._take(key)
             if batch:
                 await self._execute(key, batch)

@@ -95,7 +95,8 @@ class CloudDeployment:
         self.servicer = CloudServicer(CloudMetrics(), max_batch=config.max_batch,
                                       max_wait_s=config.max_wait_ms / 1e3, max_queue=config.max_queue,
                                       max_generate=config.max_generate,
-                                      batch_executor=ThreadPoolExecutor(1, thread_name_prefix="cloud-batch"))
+                                      batch_executor=ThreadPoolExecutor(1, thread_name_prefix="cloud-batch"),
+                                      wait_when_idle=config.wait_when_idle)
         self.servicer.replica = f"ray-serve:{os.getpid()}"
 
     def _attach(self) -> None:

@@ -62,6 +62,7 @@ class ServerConfig:
     cpu_threads: int = 0  # torch intra-op threads; 0 = torch's default (see docs/CLOUD.md, CPU serving)
     max_batch: int = 64  # most items per model call, and per request
     max_wait_ms: float = 2.0  # how long a batch waits for more requests after its first
+    wait_when_idle: bool = False  # also wait max_wait_ms when the request found the server idle
     max_queue: int = 1024  # requests that may wait for the model; more are refused (RESOURCE_EXHAUSTED)
     max_message_mb: int = 16  # largest request or reply message
     max_generate: int = 4  # generations running at once
@@ -110,7 +111,7 @@ class CloudServer:
         self._batch_executor = ThreadPoolExecutor(1, thread_name_prefix="cloud-batch")
         self.servicer = CloudServicer(self.metrics, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3,
                                       max_queue=config.max_queue, max_generate=config.max_generate,
-                                      batch_executor=self._batch_executor)
+                                      batch_executor=self._batch_executor, wait_when_idle=config.wait_when_idle)
         self.speculative = SpeculativeServicer(self.servicer, max_sessions=config.max_sessions,
                                                ttl_s=config.session_ttl_s, max_draft=config.max_draft_tokens)
         self.server: grpc.aio.Server | None = None

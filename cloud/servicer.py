@@ -150,12 +150,12 @@ class CloudServicer(pb_grpc.InferenceServicer):
     """Answers Inference RPCs with a full-width (or --width) model; ``runner`` is set once loaded."""
 
     def __init__(self, metrics: CloudMetrics, *, max_batch: int, max_wait_s: float, max_queue: int,
-                 max_generate: int, batch_executor) -> None:
+                 max_generate: int, batch_executor, wait_when_idle: bool = False) -> None:
         self.metrics = metrics
         self.runner: ModelRunner | None = None
         self.replica = ""  # host:port, filled in by the server once bound
         self.batcher = DynamicBatcher(self._run_batch, batch_executor, max_batch=max_batch, max_wait_s=max_wait_s,
-                                      max_queue=max_queue, metrics=metrics)
+                                      max_queue=max_queue, metrics=metrics, wait_when_idle=wait_when_idle)
         self.generation: GenerationPool | None = None
         self._max_generate, self._max_queue = max_generate, max_queue
 

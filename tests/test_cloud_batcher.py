@@ -96,3 +96,26 @@ def test_a_failing_batch_fails_with_internal_and_the_next_one_runs() -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         DynamicBatcher(Recorder(), ThreadPoolExecutor(1), max_batch=0, max_wait_s=0.0, max_queue=1)
+
+
+def test_a_request_finding_the_batcher_idle_runs_at_once_and_later_ones_batch_behind_it() -> None:
+    recorder = Recorder(delay=0.2)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(recorder, executor, max_batch=8, max_wait_s=1.0, max_queue=16)
+            batcher.start()
+            try:
+                first = asyncio.ensure_future(batcher.submit(A, "a", 1))
+                await asyncio.sleep(0.05)  # "a" is running now
+                later = [asyncio.ensure_future(batcher.submit(A, p, 1)) for p in "bcd"]
+                return await first, await asyncio.gather(*later)
+            finally:
+                await batcher.stop()
+
+    first, later = asyncio.run(scenario())
+    assert first.value == "A" and first.batch_size == 1
+    assert first.queue_s < 0.1  # did not wait max_wait_s (1 s) for company
+    assert recorder.batches == [(A, ["a"]), (A, ["b", "c", "d"])]
+    assert [r.value for r in later] == ["B", "C", "D"] and all(r.batch_size == 3 for r in later)
+    assert all(r.queue_s > 0.5 for r in later)  # queued behind a running batch, they waited for company

@@ -69,7 +69,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
     small_vision().save_pretrained(tmp_path / "v")
     # A long batch wait keeps the requests queued (in flight) when SIGTERM arrives.
     cloud = CloudProcess("--checkpoint", str(tmp_path / "v"), "--port", "0", "--metrics-port", "-1",
-                         "--device", "cpu", "--max-wait-ms", "1500", "--grace", "20")
+                         "--device", "cpu", "--max-wait-ms", "1500", "--wait-when-idle",
+                         "--grace", "20")
     try:
         address = cloud.wait_for(LISTENING.pattern).group(1)
         cloud.wait_for("serving VISION")

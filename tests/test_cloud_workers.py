@@ -73,8 +73,9 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     model, path = small_vision(), tmp_path_factory.mktemp("workers") / "vision"
     model.save_pretrained(path)
-    # --max-wait-ms keeps requests queued long enough for the drain test to catch them in flight.
+    # --max-wait-ms (with --wait-when-idle) keeps requests queued long enough for the drain test to catch them.
     cloud = CloudProcess("--checkpoint", str(path), *BASE, "--metrics-port", "0", "--max-wait-ms", "1000",
+                         "--wait-when-idle",
                          "--grace", "20", "--log-level", "DEBUG")
     try:
         metrics_url = cloud.wait_for(METRICS.pattern).group(1)

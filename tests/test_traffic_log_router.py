@@ -1,6 +1,6 @@
 """The traffic log, shadow escalation and re-tuning with a real router, a real cloud process and Ray.
 
-One slow cloud replica (``python -m cloud --max-wait-ms 150``: every cloud call waits 150 ms for
+One slow cloud replica (``python -m cloud --max-wait-ms 150 --wait-when-idle``: every cloud call waits 150 ms for
 batch companions) serves the module; the Ray cluster is the session's (tests/conftest.py). One
 router runs in this process (RouterThread) with ``--traffic-log``, ``--shadow-rate`` and a
 thresholds file it polls; one more runs as ``python -m router`` and is killed with SIGKILL.
@@ -70,7 +70,7 @@ def serving(request: pytest.FixtureRequest, cloud: Process, config: RouterConfig
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("traffic")
     cloud = cloud_process(VISION, tmp, "cloud-slow")
-    cloud.args += ["--max-wait-ms", str(SLOW_CLOUD_WAIT_MS), "--max-batch", "256"]
+    cloud.args += ["--max-wait-ms", str(SLOW_CLOUD_WAIT_MS), "--wait-when-idle", "--max-batch", "256"]
     cloud.start()
     thresholds = tmp / "thresholds.json"
     thresholds.write_text(json.dumps({"measure": "max_softmax", "threshold": 0.8, "version": "start"}))

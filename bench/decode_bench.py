@@ -3,7 +3,7 @@
 own CUDA graphs (``cg=True``) at the same size, plus eager decoding and prefill throughput.
 
 Models are randomly initialised (speed does not depend on the weights' values) at mamba-ssm's
-mamba2-130m and mamba2-1.3b shapes (d_model 768 x 24 layers and 2048 x 48, vocab 50280).
+mamba2-130m, -1.3b and -2.7b shapes (d_model 768 x 24 layers, 2048 x 48 and 2560 x 64, vocab 50280).
 Tokens/s is the decode rate alone: two generations of different lengths from the same prompt,
 batch * (n2 - n1) / (t2 - t1), medians over repetitions, so the prompt pass cancels out.
 Floors per level: bytes a step must move (weights at that width, the head, the recurrent
@@ -173,8 +173,9 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
-    p.add_argument("--sizes", default="768x24,2048x48",
-                   help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m and -1.3b shapes)")
+    p.add_argument("--sizes", default="768x24,2048x48,2560x64",
+                   help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m, -1.3b and -2.7b "
+                        "shapes)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager decoding reference")
     args = p.parse_args(argv)
     result = start(p, "decode")

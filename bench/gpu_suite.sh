@@ -4,7 +4,8 @@
 # Phases: tests (pytest -m gpu), lm / vision (joint training, 4 independent baselines, evaluation),
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
 # spec (speculative decoding across tiers, bench/spec_bench.py),
-# block (nested block vs mamba-ssm Mamba2), decode (CUDA-graph decoding vs mamba-ssm generation).
+# block (nested block vs mamba-ssm Mamba2), decode (CUDA-graph decoding vs mamba-ssm generation, and the
+# kernels of one decode step, bench/decode_profile.py).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -95,7 +96,9 @@ for phase in "$@"; do
         --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" \
         || echo "cloud_bench ended with status $? (124 = the timeout: the JSON holds the worker counts measured)" ;;
     block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
-    decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log" ;;
+    decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log"
+      python3 -m bench.decode_profile --sizes 2048x48 --out "$OUT/decode_profile.json" > "$OUT/decode_profile.log" 2>&1
+      tail -25 "$OUT/decode_profile.log" ;;
     scale)  # cloud replicas through routers (bench/scale_bench.py): needs .raywhl carried, as router; ~6 min on an H100
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
       gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); gpus=${gpus:-0}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .block import BlockState, MatMamba2
 from .config import ModelConfig
 from .nesting import parse_widths
@@ -27,9 +28,6 @@ class ResidualBlock(nn.Module):
                 keep_states: bool = False) -> torch.Tensor:
         out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), width=width, state=state, keep_states=keep_states)
         return h + out.to(h.dtype)
-
-    def step(self, h: torch.Tensor, state: BlockState) -> torch.Tensor:
-        return h + self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), state).to(h.dtype)
 
 
 @dataclass
@@ -103,12 +101,14 @@ class NestedStack(nn.Module):
         return h
 
     def step(self, h: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        if self.config.residual_in_fp32:
-            h = h.float()
+        """One token per sequence, (batch, d_model) -> (batch, d_model): the residual stream after the last
+        layer, as ``forward`` computes it, with each residual add fused into the next layer's norm."""
+        residual = None
         for layer, state in zip(self.layers, cache.states):
-            h = layer.step(h, state)
+            normed, residual = kernels.add_rmsnorm(h, residual, layer.norm, self.config.residual_in_fp32)
+            h = layer.mixer.step(normed, state)
         cache.seqlen += 1
-        return h
+        return residual + h.to(residual.dtype)
 
 
 @torch.no_grad()

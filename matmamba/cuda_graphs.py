@@ -188,7 +188,8 @@ class _ChunkSlot:
 
 
 class ChunkGraphs:
-    """``model(ids, cache=cache, keep_states=True)`` (its unchecked body) captured per (widths, batch, length) and replayed after.
+    """``model(ids, cache=cache, keep_states=True)`` (its unchecked body) captured per (widths, batch, length)
+    and replayed after.
 
     For speculative verification: each round reads a short chunk (the pending token and k drafts) from a
     session's cache, a forward pass of a few hundred kernels that is launch-bound on a GPU. A replay

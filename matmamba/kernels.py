@@ -22,6 +22,7 @@ import types
 from types import ModuleType
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ def _triton() -> types.SimpleNamespace:
     ssd = import_mamba_ssm("ops.triton.ssd_combined")
     ssu = import_mamba_ssm("ops.triton.selective_state_update")
     norm = import_mamba_ssm("ops.triton.layernorm_gated")
+    add_norm = import_mamba_ssm("ops.triton.layer_norm")
     return types.SimpleNamespace(
+        add_rmsnorm=add_norm.rms_norm_fn,
         chunk_scan=ssd.mamba_chunk_scan_combined,
         split_conv1d_scan=ssd.mamba_split_conv1d_scan_combined,
         state_update=ssu.selective_state_update,
@@ -294,6 +297,26 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     state.copy_(state * decay[..., None, None] + (dt[..., None] * xf)[..., None] * B[:, :, None, :])
     y = torch.einsum("bhpn,bhn->bhp", state.float(), C) + xf * D.float()[:, None]
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- residual add + RMSNorm
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.RMSNorm,
+                residual_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's input: (norm(residual + x), residual + x); residual None = the first block.
+
+    The residual stream is kept in fp32 when ``residual_in_fp32``. On CUDA one kernel (mamba-ssm's
+    fused add + RMSNorm) replaces four (cast, add, cast, norm): a batch-1 decode step is launch-bound.
+    """
+    if x.is_cuda:
+        return _triton().add_rmsnorm(x, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True,
+                                     residual_in_fp32=residual_in_fp32)
+    if residual is None:
+        residual = x.float() if residual_in_fp32 else x
+    else:
+        residual = residual + x.to(residual.dtype)
+    return norm(residual.to(norm.weight.dtype)), residual
 
 
 # ---------------------------------------------------------------- gated RMSNorm

@@ -1,0 +1,123 @@
+"""Where a decode step's time goes (GPU): the kernels one step launches per layer, and what one
+CUDA-graph replay of the step costs, per level, at batch 1.
+
+The model is the decode benchmark's (bench/decode_bench.py: random weights, bf16, mamba-ssm's shapes).
+Kernel names and device times come from torch.profiler over eager steps; the graph time is the median
+of replays timed with CUDA events, so launch gaps inside the graph are included.
+
+    python -m bench.decode_profile --sizes 2048x48 --out runs/decode_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.block_bench import finish, start
+from bench.decode_bench import DTYPE, LEVELS, lm_config
+from matmamba import MatMambaLM
+
+log = logging.getLogger("decode_profile")
+
+STEPS = 20  # eager steps profiled (kernel counts are per step)
+REPLAYS = 200  # graph replays timed
+
+
+def profile_eager(model: MatMambaLM, level: int) -> list[dict[str, Any]]:
+    """Kernels one eager step launches: name, launches per step, device microseconds per step."""
+    cache = model.allocate_cache(1, level)
+    token = torch.zeros(1, dtype=torch.int64, device="cuda")
+    for _ in range(3):
+        model.step(token, cache)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            model.step(token, cache)
+        torch.cuda.synchronize()
+    counts: dict[str, int] = collections.Counter()
+    micros: dict[str, float] = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            counts[event.name] += 1
+            micros[event.name] += event.device_time
+    rows = [{"kernel": name, "per_step": counts[name] / STEPS, "us_per_step": micros[name] / STEPS}
+            for name in counts]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def graph_step_us(model: MatMambaLM, level: int) -> float:
+    """Median microseconds of one CUDA-graph replay of a decode step."""
+    cache = model.allocate_cache(1, level)
+    token = torch.zeros(1, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model.step(token, cache)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.step(token, cache)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(REPLAYS):
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def run_size(d_model: int, n_layer: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MatMambaLM(lm_config(d_model, n_layer)).to(DTYPE).eval()
+    out: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "levels": []}
+    for level in LEVELS:
+        kernels = profile_eager(model, level)
+        graph_us = graph_step_us(model, level)
+        launches = sum(k["per_step"] for k in kernels)
+        out["levels"].append({"level": level, "graph_step_us": graph_us, "graph_us_per_layer": graph_us / n_layer,
+                              "launches_per_step": launches, "launches_per_layer": launches / n_layer,
+                              "kernel_us_per_step": sum(k["us_per_step"] for k in kernels), "kernels": kernels})
+        log.info("d_model %d level %d: graph step %.1f us (%.2f us/layer), %.1f launches/layer", d_model, level,
+                 graph_us, graph_us / n_layer, launches / n_layer)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"decode step profile on {env['device']} (torch {env['torch']}), bf16, batch 1"]
+    for size in result["sizes"]:
+        n_layer = size["n_layer"]
+        for lv in size["levels"]:
+            lines.append(f"d{size['d_model']} x {n_layer} level {lv['level']}: graph step {lv['graph_step_us']:.1f} us "
+                         f"({lv['graph_us_per_layer']:.2f} us/layer), kernels {lv['kernel_us_per_step']:.1f} us/step, "
+                         f"{lv['launches_per_layer']:.2f} launches/layer")
+            for k in lv["kernels"]:
+                lines.append(f"    {k['per_step'] / n_layer:6.2f}/layer {k['us_per_step'] / n_layer:7.2f} us/layer  "
+                             f"{k['kernel'][:110]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    p.add_argument("--sizes", default="2048x48", help="d_model x n_layer, comma-separated (default %(default)s)")
+    args = p.parse_args(argv)
+    result = start(p, "decode_profile")
+    result["sizes"] = [run_size(*(int(v) for v in size.split("x"))) for size in args.sizes.split(",")]
+    return finish(result, args.out, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,12 +43,10 @@ class BlockState:
     ssm: torch.Tensor  # (batch, nheads, headdim, d_state), fp32
     width: int
     trace: StateTrace | None = None  # set by forward(..., keep_states=True); consumed by rewind
-    counter: torch.Tensor | None = None  # (batch,) int32 zeros: the fused decode step's sync (kernels.py)
 
     def clone(self) -> BlockState:
         """An independent copy (no trace)."""
-        return BlockState(self.conv.clone(), self.ssm.clone(), self.width,
-                          counter=None if self.counter is None else torch.zeros_like(self.counter))
+        return BlockState(self.conv.clone(), self.ssm.clone(), self.width)
 
     def copy_(self, other: BlockState) -> None:
         """Overwrite this state with ``other`` (same width and batch)."""
@@ -206,7 +204,6 @@ class MatMamba2(nn.Module):
             conv=torch.zeros(batch, dims.conv_dim, dims.d_conv, device=device, dtype=dtype),
             ssm=torch.zeros(batch, dims.nheads, dims.headdim, dims.d_state, device=device, dtype=torch.float32),
             width=width,
-            counter=torch.zeros(batch, dtype=torch.int32, device=device),
         )
 
     # ------------------------------------------------------------ compute
@@ -268,18 +265,12 @@ class MatMamba2(nn.Module):
         d = s.dims
         zxbcdt = F.linear(u, s.in_proj_w, s.in_proj_b)  # (B, 2*di + d_bc + h)
         z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
-        if kernels.fused_step_available(xbc, d.headdim, d.d_state):
-            if state.counter is None:
-                state.counter = torch.zeros(xbc.shape[0], dtype=torch.int32, device=xbc.device)
-            y = kernels.conv_ssm_step_triton(state.conv, xbc, s.conv_w, s.conv_b, state.ssm, dt, s.A, s.D,
-                                             s.dt_bias, state.counter, d.d_inner, d.ngroups, d.d_state)
-        else:
-            xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
-            x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
-            y = kernels.ssd_step(
-                state.ssm, x.unflatten(-1, (d.nheads, d.headdim)), dt, s.A,
-                B.unflatten(-1, (d.ngroups, d.d_state)), C.unflatten(-1, (d.ngroups, d.d_state)), s.D, s.dt_bias,
-            )
+        xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
+        x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
+        y = kernels.ssd_step(
+            state.ssm, x.unflatten(-1, (d.nheads, d.headdim)), dt, s.A,
+            B.unflatten(-1, (d.ngroups, d.d_state)), C.unflatten(-1, (d.ngroups, d.d_state)), s.D, s.dt_bias,
+        )
         y = kernels.gated_rmsnorm(y.flatten(-2), z, s.norm_w, self.config.norm_eps, d.ngroups,
                                   self.config.norm_before_gate)
         return F.linear(y, s.out_proj_w, s.out_proj_b)

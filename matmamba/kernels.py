@@ -189,53 +189,6 @@ def conv_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.
     return out
 
 
-@functools.cache
-def _conv_ssm_step_kernel():
-    """A decode step's causal conv and SSM state update in one kernel, one program per (sequence, head).
-
-    Each program convolves its head's x channels and its group's B and C channels (B and C are
-    shared by the heads of a group, so each program recomputes them: 2 * d_state channels of a
-    width-4 dot, cheap), rounds them to the input dtype as the two-kernel path stores them, then
-    updates its head's state as mamba-ssm's selective_state_update does (dt softplus, D skip).
-    A program owns its x channels' conv state. The B / C conv state is read by every program of the
-    sequence, so it is shifted only by the last one to finish: a per-sequence counter, incremented
-    with acquire-release semantics after a program's reads, names it and is reset by it.
-    """
-    from .triton_step import conv_ssm_step_kernel
-
-    return conv_ssm_step_kernel
-
-
-def fused_step_available(xbc: torch.Tensor, headdim: int, d_state: int) -> bool:
-    """Whether a decode step runs ``conv_ssm_step_triton``: on CUDA without causal-conv1d's extension
-    (whose own conv step is used otherwise), with power-of-two headdim and d_state (Triton block shapes)."""
-    def pow2(v: int) -> bool:
-        return v > 0 and v & (v - 1) == 0
-    return xbc.is_cuda and not _use_causal_conv1d(xbc) and pow2(headdim) and pow2(d_state)
-
-
-def conv_ssm_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, conv_w: torch.Tensor,
-                         conv_b: torch.Tensor | None, ssm_state: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                         D: torch.Tensor, dt_bias: torch.Tensor, counter: torch.Tensor, d_inner: int, ngroups: int,
-                         d_state: int) -> torch.Tensor:
-    """``causal_conv_step`` then ``ssd_step`` in one Triton kernel (CUDA without causal-conv1d).
-
-    xbc: (batch, d_inner + 2 * ngroups * d_state) before the conv, last dim contiguous; dt: (batch, nheads)
-    raw; counter: (batch,) int32 zeros, owned by this state (the kernel leaves it at zero). Updates
-    conv_state and ssm_state (batch, nheads, headdim, d_state) in place; returns y (batch, nheads, headdim).
-    """
-    batch, nheads, headdim, _ = ssm_state.shape
-    if xbc.stride(-1) != 1:
-        xbc = xbc.contiguous()
-    y = torch.empty(batch, nheads, headdim, device=xbc.device, dtype=xbc.dtype)
-    _conv_ssm_step_kernel()[(batch, nheads)](
-        xbc, conv_state, conv_w, conv_w if conv_b is None else conv_b, dt, dt_bias, A, D, ssm_state, y, counter,
-        nheads, d_inner, xbc.stride(0), dt.stride(0), *conv_state.stride(), *conv_w.stride(), *ssm_state.stride(),
-        y.stride(0), HEADDIM=headdim, DSTATE=d_state, NGROUPS=ngroups, WIDTH=conv_state.shape[-1],
-        HAS_BIAS=conv_b is not None)
-    return y
-
-
 # ---------------------------------------------------------------- SSD scan
 
 

@@ -63,35 +63,3 @@ def test_gpu_generation_matches_cpu_greedy() -> None:
     cpu_out = model.generate(prompt, 12, temperature=0, mrl_level=2)
     gpu_out = model.cuda().generate(prompt.cuda(), 12, temperature=0, mrl_level=2)
     assert torch.equal(gpu_out.cpu(), cpu_out)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ngroups", [1, 2])
-def test_fused_conv_state_update_step_equals_the_two_kernel_step(dtype: torch.dtype, ngroups: int) -> None:
-    """kernels.conv_ssm_step_triton = conv_step_triton then ssd_step, over several steps of a batch of 3."""
-    from matmamba import kernels
-
-    torch.manual_seed(0)
-    batch, nheads, headdim, d_state = 3, 8, 16, 32
-    d_inner, conv_dim = nheads * headdim, nheads * headdim + 2 * ngroups * d_state
-    conv_w, conv_b = torch.randn(conv_dim, 4, device="cuda", dtype=dtype), torch.randn(conv_dim, device="cuda",
-                                                                                        dtype=dtype)
-    A, D, dt_bias = -torch.rand(nheads, device="cuda").exp(), torch.randn(nheads, device="cuda"), \
-        torch.randn(nheads, device="cuda")
-    conv, ssm = torch.randn(batch, conv_dim, 4, device="cuda", dtype=dtype), torch.randn(batch, nheads, headdim,
-                                                                                          d_state, device="cuda")
-    conv_ref, ssm_ref = conv.clone(), ssm.clone()
-    counter = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    for _ in range(5):
-        row = torch.randn(batch, 7 + conv_dim + nheads, device="cuda", dtype=dtype)  # as in_proj's output row
-        xbc, dt = row[:, 7:7 + conv_dim], row[:, 7 + conv_dim:]
-        y = kernels.conv_ssm_step_triton(conv, xbc, conv_w, conv_b, ssm, dt, A, D, dt_bias, counter, d_inner,
-                                         ngroups, d_state)
-        out = kernels.conv_step_triton(conv_ref, xbc, conv_w, conv_b)
-        x, B, C = torch.split(out, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
-        y_ref = kernels.ssd_step(ssm_ref, x.unflatten(-1, (nheads, headdim)), dt, A,
-                                 B.unflatten(-1, (ngroups, d_state)), C.unflatten(-1, (ngroups, d_state)), D, dt_bias)
-        assert torch.equal(conv, conv_ref)
-        assert rel_err(ssm, ssm_ref) < 1e-5
-        assert rel_err(y, y_ref) < REL_TOL[dtype] / 10
-        assert counter.tolist() == [0] * batch

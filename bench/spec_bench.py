@@ -18,8 +18,12 @@ verifies at full width. For every RTT, the same prompts are decoded greedily
 Reported per configuration: greedy output identical to cloud-only (it must be), acceptance rate
 (accepted / drafted), cloud forward passes per generated token and cloud compute ms per generated
 token (from the cloud's /metrics: ``compute_seconds`` of Generate, or of OpenSession + Verify),
-end-to-end tokens/s (median over prompts of tokens / wall time of the whole stream), and the
-ratios to cloud-only at the same RTT. JSON to ``--out``, a table to stdout, a plot beside the JSON.
+end-to-end tokens/s (median over prompts of tokens / wall time of the whole stream), the
+ratios to cloud-only at the same RTT, and where a round's time goes: medians over rounds (the first
+of each generation left out: it also opens the session) of the wall time between two rounds' CLOUD
+chunks at the client, the edge's drafting compute, the router's Verify round trip (transport, queue
+and cloud compute) and the rest (the router's own work, the Ray call, the stream to the client).
+JSON to ``--out``, a table to stdout, a plot beside the JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,20 +147,37 @@ def _delta(after: dict, before: dict, methods: tuple[str, ...]) -> tuple[float, 
 # ------------------------------------------------------------------ one generation
 
 
-def generate(address: str, prompt: list[int], tokens: int, **fields) -> tuple[list[int], float, int, int]:
-    """Stream one greedy generation; returns (tokens, seconds, drafted, accepted)."""
+@dataclass
+class Generation:
+    tokens: list[int]
+    seconds: float
+    drafted: int = 0
+    accepted: int = 0
+    # per verification round after the first (the first also opens the session and reads the prompt):
+    # (wall ms between this round's CLOUD chunk and the previous one's, edge drafting ms, Verify round trip ms)
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+def generate(address: str, prompt: list[int], tokens: int, **fields) -> Generation:
+    """Stream one greedy generation."""
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=tokens, temperature=0.0, **fields)
-        start, out, drafted, accepted = time.perf_counter(), [], 0, 0
+        start = time.perf_counter()
+        gen, last = Generation([], 0.0), None
         for chunk in stub.Generate(request, timeout=RPC_TIMEOUT_S):
-            out += list(chunk.token_ids)
+            gen.tokens += list(chunk.token_ids)
             s = chunk.served_by
             if s.tier == pb.CLOUD and s.draft_tokens:  # one CLOUD chunk per verification round
-                drafted, accepted = drafted + s.draft_tokens, accepted + s.accepted_tokens
+                gen.drafted, gen.accepted = gen.drafted + s.draft_tokens, gen.accepted + s.accepted_tokens
+                now = time.perf_counter()
+                if last is not None:
+                    gen.rounds.append(((now - last) * 1e3, s.edge_ms, s.cloud_ms))
+                last = now
             if s.degraded:
                 raise RuntimeError("a degraded answer: the cloud was not reached; raise --deadline-ms")
-        return out, time.perf_counter() - start, drafted, accepted
+        gen.seconds = time.perf_counter() - start
+        return gen
 
 
 def first_difference(output: list[int], reference: list[int]) -> int | None:
@@ -169,12 +190,12 @@ def first_difference(output: list[int], reference: list[int]) -> int | None:
 def measure(name: str, address: str, cloud: CloudProcess, prompts: list[list[int]], plan: Plan,
             methods: tuple[str, ...], reference: list[list[int]] | None, progress, **fields) -> dict[str, Any]:
     before = cloud.compute()
-    outputs, seconds, drafted, accepted = [], [], 0, 0
+    outputs, seconds, drafted, accepted, rounds = [], [], 0, 0, []
     for prompt in prompts:
-        out, secs, d, a = generate(address, prompt, plan.tokens, **fields)
-        outputs.append(out)
-        seconds.append(secs)
-        drafted, accepted = drafted + d, accepted + a
+        gen = generate(address, prompt, plan.tokens, **fields)
+        outputs.append(gen.tokens)
+        seconds.append(gen.seconds)
+        drafted, accepted, rounds = drafted + gen.drafted, accepted + gen.accepted, rounds + gen.rounds
         progress()
     calls, cloud_s = _delta(cloud.compute(), before, methods)
     generated = sum(len(o) for o in outputs)
@@ -187,7 +208,17 @@ def measure(name: str, address: str, cloud: CloudProcess, prompts: list[list[int
         "seconds": seconds, "generated": generated, "drafted": drafted, "accepted": accepted,
         "acceptance": accepted / drafted if drafted else None,
         "cloud_passes_per_token": calls / generated, "cloud_ms_per_token": cloud_s * 1e3 / generated,
+        "round_ms": _round_split(rounds),
     }
+
+
+def _round_split(rounds: list[tuple[float, float, float]]) -> dict[str, float] | None:
+    """Medians over rounds of a round's wall time, edge drafting, the Verify round trip, and the rest."""
+    if not rounds:
+        return None
+    wall, edge, verify = (np.array(column) for column in zip(*rounds))
+    return {"rounds": len(rounds), "wall": float(np.median(wall)), "edge": float(np.median(edge)),
+            "verify": float(np.median(verify)), "rest": float(np.median(wall - edge - verify))}
 
 
 # ------------------------------------------------------------------ run
@@ -295,14 +326,17 @@ def table(result: dict[str, Any]) -> str:
     rows = [f"speculative decoding bench on {env['device']} ({env['cpus']} CPUs, torch {env['torch']}); "
             f"{plan['prompts']} prompts x {plan['tokens']} greedy tokens, draft up to {plan['draft_tokens']}",
             "| RTT ms | mode | identical | acceptance | cloud passes/token | cloud ms/token | tokens/s | "
-            "vs cloud-only: tokens/s | cloud ms |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "vs cloud-only: tokens/s | cloud ms | round ms: wall = edge + verify + rest |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        split = r.get("round_ms")
+        rounds = "" if split is None else \
+            f"{split['wall']:.1f} = {split['edge']:.1f} + {split['verify']:.1f} + {split['rest']:.1f}"
         rows.append(f"| {r['rtt_ms']:g} | {r['name']} | {'yes' if r['identical'] else 'NO'} | {acc} | "
                     f"{r['cloud_passes_per_token']:.3f} | {r['cloud_ms_per_token']:.2f} | "
                     f"{r['tokens_per_s_median']:.1f} | {r['speedup_vs_cloud_only']:.2f}x | "
-                    f"{r['cloud_ms_ratio_vs_cloud_only']:.2f}x |")
+                    f"{r['cloud_ms_ratio_vs_cloud_only']:.2f}x | {rounds} |")
     return "\n".join(rows)
 
 

@@ -23,6 +23,7 @@ import torch
 from bench.block_bench import finish, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import MatMambaLM
+from matmamba.cuda_graphs import capture
 
 log = logging.getLogger("decode_profile")
 
@@ -56,15 +57,7 @@ def graph_step_us(model: MatMambaLM, level: int) -> float:
     """Median microseconds of one CUDA-graph replay of a decode step."""
     cache = model.allocate_cache(1, level)
     token = torch.zeros(1, dtype=torch.int64, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            model.step(token, cache)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model.step(token, cache)
+    graph, _ = capture(lambda: model.step(token, cache))  # as DecodeGraphs captures a step
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(REPLAYS):

@@ -256,10 +256,10 @@ class EdgeWorker:
         session.checkpoints.clear()
         if start < context.size:
             rest = torch.from_numpy(np.array(context[start:]))[None].to(self.device)  # (1, n)
-            self.model.check_ids(rest)  # step, unlike forward, does not check them
+            self.model.check_ids(rest)
             with self._autocast():  # one token (the cloud's, after a verification) is one recurrent step
                 session.logits = self.model.step(rest[:, 0], session.cache) if rest.shape[1] == 1 else \
-                    self.model(rest, cache=session.cache)[:, -1]  # (1, V)
+                    self.model.forward_unchecked(rest, session.cache.widths, session.cache)[:, -1]  # (1, V)
         session.ids = context
         return True
 

@@ -3,7 +3,8 @@
 #   bash bench/gpu_suite.sh tests lm vision
 # Phases: tests and tests-train (pytest -m gpu, split to fit a device call each), lm / vision (joint training, 4 independent baselines, evaluation),
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
-# spec-tests and spec (speculative decoding's GPU tests; across tiers, bench/spec_bench.py),
+# spec-tests, spec-profile and spec (speculative decoding's GPU tests; a round's cloud time, bench/verify_profile.py;
+# across tiers, bench/spec_bench.py),
 # block (nested block vs mamba-ssm Mamba2), decode (CUDA-graph decoding vs mamba-ssm generation, and the
 # kernels of one decode step, bench/decode_profile.py).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
@@ -89,6 +90,9 @@ for phase in "$@"; do
       } | tee "$OUT/router_gpu.log" ;;
     spec-tests)  # speculative decoding's GPU tests (~4 min on an H100)
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py 2>&1; } | tee "$OUT/spec_tests.log" ;;
+    spec-profile)  # the rollback kernel's GPU test, then where a verification round's cloud time goes (no Ray)
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_rewind_kernel.py 2>&1
+        python3 -m bench.verify_profile --out "$OUT/verify_profile.json" 2>&1; } | tee "$OUT/verify_profile.log" ;;
     spec)  # speculative decoding across tiers (cloud process + router on Ray): needs .raywhl carried, as router
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
       # fp32: greedy identity is checked token for token (bf16 rounding differs between a step and a chunk)

@@ -28,6 +28,7 @@ from proto import matmamba_pb2 as pb
 from proto.validate import GenerateInputs, ModelLimits
 
 from .batcher import BatchKey
+from .speculative import greedy_round
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class ModelRunner:
             if self.cuda_graphs and self.is_lm else None
         self.chunk_graphs = ChunkGraphs(model, autocast_dtype=autocast_dtype) if self.cuda_graphs and self.is_lm \
             else None
+        # greedy verification rounds, whole (forward, acceptance, rollback) in one replay each
+        self.round_graphs = ChunkGraphs(model, autocast_dtype=autocast_dtype, body=greedy_round) \
+            if self.chunk_graphs is not None else None
         self.buckets = graph_buckets(max_batch)
         self._bucketed = BucketedForward(self.classify_graphs, max_batch) if self.classify_graphs is not None else None
 
@@ -237,7 +241,8 @@ class ModelRunner:
 
         Vision: batches of 1 and of max_batch images (on CUDA: every graph bucket); LM: one Score of
         WARMUP_TOKENS tokens and a WARMUP_NEW_TOKENS-token greedy generation (on CUDA: DECODE_SLOTS decode
-        graphs captured per served width, and a verification graph per VERIFY_GRAPH_LENGTHS chunk length).
+        graphs captured per served width, and per VERIFY_GRAPH_LENGTHS chunk length a verification forward graph
+        and a whole greedy round graph).
         """
         width = self.limits.default_width
         if self.is_lm:
@@ -251,6 +256,7 @@ class ModelRunner:
             if self.chunk_graphs is not None:
                 spec = self.model.backbone.resolve_widths(widths=width)
                 self.chunk_graphs.warmup(spec, VERIFY_GRAPH_LENGTHS)
+                self.round_graphs.warmup(spec, VERIFY_GRAPH_LENGTHS)
         else:
             cfg = self.config
             batches = self.buckets if self.cuda_graphs else sorted({1, self.limits.max_batch})

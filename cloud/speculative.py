@@ -13,9 +13,14 @@ sequence except the last one, the *pending* token. One Verify:
    distribution at the first rejection, or from row k (a bonus token) when all k were accepted;
 3. rolls the state back to "after d_n" (``cache.rewind(n + 1)``) and makes x the new pending token.
 
-On CUDA the pass is a CUDA-graph replay (``matmamba.cuda_graphs.ChunkGraphs``, one graph per chunk
-length captured at warm-up): eager, a k + 1 token forward is launch-bound, several times the cost of
-the one graph-replayed decode step that cloud-only decoding pays per token.
+On CUDA a greedy round is one CUDA-graph replay (``matmamba.cuda_graphs.ChunkGraphs`` with the body
+:func:`greedy_round`, one graph per chunk length captured at warm-up): the forward pass, the
+acceptance (argmax, first mismatch), the rollback with the accepted length kept on the device
+(``InferenceCache.rewind_states`` with a tensor) and the log-probabilities, then one read-back of
+``k + 3`` numbers. Eager, the same round is a few hundred launches and several host syncs, each
+launch-bound: many times the one graph-replayed decode step that cloud-only decoding pays per token.
+A sampling round replays the forward pass alone (the default body) and accepts and rolls back on the
+host, since its rejection rule draws from the session's own generator.
 
 Rollback uses what the verification pass recorded (``keep_states``), not a second pass: per layer
 the scan's inputs for the chunk (x, dt, B: a few KB for k + 1 tokens), the conv window and the SSM
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -44,7 +50,8 @@ from proto import matmamba_pb2 as pb
 from proto.tensors import TensorFormatError, from_tensor_msg
 from proto.validate import GenerateInputs, RequestError
 
-from .runner import ModelRunner
+if TYPE_CHECKING:  # the runner captures greedy_round's graphs, so it imports this module
+    from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +189,53 @@ class Verifier:
     def verify(self, session: Session, draft: np.ndarray, draft_probs: np.ndarray | None) -> Verdict:
         """One round (see the module docstring); updates ``session``."""
         start, runner = time.perf_counter(), self.runner
-        ids = torch.from_numpy(np.concatenate([[session.pending], draft]).astype(np.int64))[None]
-        ids = ids.to(runner.device)  # (1, k+1)
+        ids = torch.from_numpy(np.concatenate([[session.pending], draft]).astype(np.int64))[None]  # (1, k+1)
+        rounds = runner.round_graphs
+        if session.params.greedy and rounds is not None and rounds.captured(session.cache.widths, 1, ids.shape[1]):
+            out = rounds(ids, session.cache).tolist()  # the whole round on the device; ids checked on the host
+            n, token, logprobs = int(out[0]), int(out[1]), out[2:3 + int(out[0])]
+            session.cache.seqlen -= ids.shape[1] - (n + 1)
+        else:
+            n, token, logprobs = self._verify_on_host(session, ids, draft_probs)
+        self.passes += 1
+        session.pending, session.position = token, session.position + n + 1
+        return Verdict(n, token, logprobs, (time.perf_counter() - start) * 1e3)
+
+    def _verify_on_host(self, session: Session, ids: torch.Tensor, draft_probs: np.ndarray | None) -> tuple[
+            int, int, list[float]]:
+        """A round whose acceptance and rollback run on the host: sampling, or no captured round graph."""
+        runner = self.runner
         graphs = runner.chunk_graphs
         if graphs is not None and graphs.captured(session.cache.widths, 1, ids.shape[1]):
             logits = graphs(ids, session.cache)[0].float()  # (k+1, V); the graph runs its own autocast
         else:
             with runner.autocast():
-                logits = runner.model(ids, cache=session.cache, keep_states=True)[0].float()
-        self.passes += 1
+                logits = runner.model(ids.to(runner.device), cache=session.cache, keep_states=True)[0].float()
         q = None if draft_probs is None else torch.from_numpy(draft_probs).to(runner.device)
-        n, token = accept_drafts(logits, ids[0, 1:], q, session.params, session.generator)
+        n, token = accept_drafts(logits, ids[0, 1:].to(runner.device), q, session.params, session.generator)
         session.cache.rewind(n + 1)
-        emitted = torch.tensor([*draft[:n].tolist(), token], device=runner.device)
+        emitted = torch.tensor([*ids[0, 1:n + 1].tolist(), token], device=runner.device)
         logprobs = F.log_softmax(logits[:n + 1], -1).gather(-1, emitted[:, None])[:, 0]
-        session.pending, session.position = token, session.position + n + 1
-        return Verdict(n, token, logprobs.cpu().tolist(), (time.perf_counter() - start) * 1e3)
+        return n, token, logprobs.cpu().tolist()
+
+
+def greedy_round(model: torch.nn.Module, ids: torch.Tensor, widths: tuple[int, ...],
+                 cache: InferenceCache) -> torch.Tensor:
+    """A whole greedy verification round on the device, with no host sync: what a round graph captures.
+
+    ids: (1, k+1) = [pending, d_1..d_k]. Reads the chunk, accepts the drafts equal to the full model's
+    argmax up to the first mismatch (n of them), takes the argmax after them as the next token, rolls
+    ``cache``'s states back to "after d_n" (its ``seqlen`` is the caller's) and returns, as float64
+    (k+3,): [n, next token, log-probability of each emitted token (d_1..d_n, then the next token), then
+    k - n unused entries]. Same arithmetic as ``accept_drafts`` with greedy params, then ``rewind(n + 1)``.
+    """
+    logits = model.forward_unchecked(ids, widths, cache, keep_states=True)[0].float()  # (k+1, V)
+    target = logits.argmax(-1)  # (k+1,)
+    draft = ids[0, 1:]
+    n = torch.cumprod(target[:-1] == draft, dim=0).sum()  # leading matches; 0-dim int64
+    token = target.gather(0, n.view(1))  # (1,)
+    cache.rewind_states(n + 1)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    emitted = torch.where(positions < n, torch.cat([draft, token]), token)  # (k+1,): d_1..d_n, token, ...
+    logprobs = F.log_softmax(logits, -1).gather(-1, emitted[:, None])[:, 0]
+    return torch.cat([n.view(1).double(), token.double(), logprobs.double()])

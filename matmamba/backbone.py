@@ -61,9 +61,14 @@ class InferenceCache:
         first 3 of them had been read. The recorded states are dropped, so rewind once per chunk.
         """
         length = self.states[0].trace.length if self.states[0].trace is not None else 0
+        self.rewind_states(keep)
+        self.seqlen -= length - keep
+
+    def rewind_states(self, keep: int | torch.Tensor) -> None:
+        """``rewind`` of the layers' states only, ``seqlen`` left to the caller: with ``keep`` a 0-dim int64
+        tensor on the device (see ``BlockState.rewind``), as a CUDA graph that decides it on the device does."""
         for state in self.states:
             state.rewind(keep)
-        self.seqlen -= length - keep
 
 
 class NestedStack(nn.Module):

@@ -56,20 +56,44 @@ class BlockState:
         self.ssm.copy_(other.ssm)
         self.trace = None
 
-    def rewind(self, keep: int) -> None:
-        """Go back to the state after the first ``keep`` (1..L) positions of the last traced chunk."""
+    def rewind(self, keep: int | torch.Tensor) -> None:
+        """Go back to the state after the first ``keep`` (1..L) positions of the last traced chunk.
+
+        ``keep`` may be a 0-dim int64 tensor on the state's device, for a CUDA graph that decides it on the
+        device (speculative verification's accepted prefix): the same arithmetic then runs for every value,
+        with no read-back, and the caller guarantees 1 <= keep <= L.
+        """
         trace = self.trace
         if trace is None:
             raise ValueError("rewind needs the trace of the last chunk: run forward(..., keep_states=True) first")
+        if isinstance(keep, torch.Tensor):
+            self._rewind_on_device(trace, keep)
+            return
         if not 1 <= keep <= trace.length:
             raise ValueError(f"keep must be in 1..{trace.length} (the traced chunk's length), got {keep}")
-        d_conv = self.conv.shape[-1]
         self.trace = None
+        d_conv = self.conv.shape[-1]
         if keep == trace.length:  # the state is already at the end of the chunk
             return
         self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])
         self.ssm.copy_(kernels.ssd_state_after(trace.x, trace.dt, trace.A, trace.B, trace.dt_bias, trace.ssm_before,
                                                keep))
+
+    def _rewind_on_device(self, trace: StateTrace, keep: torch.Tensor) -> None:
+        """``rewind`` with a device-side ``keep``: static shapes, so one CUDA graph serves every value."""
+        if keep.dim() != 0 or keep.dtype != torch.int64:
+            raise TypeError(f"a tensor keep must be 0-dim int64, got {keep.dtype} of shape {tuple(keep.shape)}")
+        self.trace = None
+        d_conv = self.conv.shape[-1]
+        window = keep + torch.arange(d_conv, device=keep.device)  # (d_conv,) positions in the conv window
+        self.conv.copy_(trace.conv_window.index_select(2, window))
+        if self.ssm.is_cuda:  # one kernel; it keeps the scan's own final state when keep == L
+            kernels.ssd_rewind_triton(self.ssm, trace.ssm_before, trace.x, trace.dt, trace.A, trace.B, trace.dt_bias,
+                                      keep)
+            return
+        after = kernels.ssd_state_after(trace.x, trace.dt, trace.A, trace.B, trace.dt_bias, trace.ssm_before, keep)
+        # keep == L: the scan's own final state, as the host path keeps it
+        self.ssm.copy_(torch.where(keep == trace.length, self.ssm, after))
 
 
 @dataclass(frozen=True)

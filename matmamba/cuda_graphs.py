@@ -9,6 +9,7 @@ step (or of a whole forward) with one launch, so narrow widths stop paying Pytho
     rows = BucketedForward(forward, max_batch=32)(192, [host_images])  # host arrays in, host rows out
     chunks = ChunkGraphs(model)
     logits = chunks(ids, cache)     # = model(ids, cache=cache, keep_states=True), one launch; cache.rewind works
+    rounds = ChunkGraphs(model, body=fn)  # any fn(model, ids, widths, cache) -> tensor, e.g. a verification round
 
 Decoding: each (widths, batch) gets a recurrent cache allocated once and a graph of one
 `model.step` on it. The prompt runs through the eager parallel forward into that cache, then
@@ -183,27 +184,37 @@ class DecodeGraphs:
 class _ChunkSlot:
     cache: InferenceCache  # the graph's own cache: a caller's state is copied in before each replay
     ids: torch.Tensor  # (batch, length) int64
-    logits: torch.Tensor  # (batch, length, vocab): written by each replay
+    out: torch.Tensor  # the body's output (logits (batch, length, vocab) by default): written by each replay
     graph: torch.cuda.CUDAGraph
 
 
+# What ChunkGraphs captures: (model, ids (batch, length), widths, the graph's cache) -> one output tensor.
+ChunkBody = Callable[[torch.nn.Module, torch.Tensor, tuple[int, ...], InferenceCache], torch.Tensor]
+
+
+def traced_logits(model: torch.nn.Module, ids: torch.Tensor, widths: tuple[int, ...],
+                  cache: InferenceCache) -> torch.Tensor:
+    """ChunkGraphs' default body: ``model(ids, cache=cache, keep_states=True)`` without its host-side checks."""
+    return model.forward_unchecked(ids, widths, cache, keep_states=True)
+
+
 class ChunkGraphs:
-    """``model(ids, cache=cache, keep_states=True)`` (its unchecked body) captured per (widths, batch, length)
-    and replayed after.
+    """``body(model, ids, widths, cache)`` captured per (widths, batch, length) and replayed after; the default
+    body is ``model(ids, cache=cache, keep_states=True)`` (its unchecked forward).
 
     For speculative verification: each round reads a short chunk (the pending token and k drafts) from a
     session's cache, a forward pass of a few hundred kernels that is launch-bound on a GPU. A replay
-    copies the session's state into the graph's cache (a few small copies per layer), replays, copies
-    the new state back and hands the session the traces the graph's cache recorded, so that
-    ``cache.rewind(n)`` works as after the eager call. Those traces and the returned logits are the
-    graph's buffers: use them (rewind, sample) before the next call. Not thread-safe: call from one
-    thread; capture while no other thread uses the GPU (``warmup`` at start-up). ``capture_fn`` is
-    :func:`capture` (tests pass an eager stand-in).
+    copies the session's state into the graph's cache (one multi-tensor copy), replays, copies the new
+    state back and hands the session the traces the graph's cache recorded, so that ``cache.rewind(n)``
+    works as after the eager call (a body that rewinds inside the graph leaves none). The traces and the
+    returned tensor are the graph's buffers: use them (rewind, sample) before the next call. Not
+    thread-safe: call from one thread; capture while no other thread uses the GPU (``warmup`` at start-up).
+    ``capture_fn`` is :func:`capture` (tests pass an eager stand-in).
     """
 
     def __init__(self, model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None,
-                 capture_fn: Callable[..., tuple] = capture) -> None:
-        self.model, self.autocast_dtype, self._capture = model, autocast_dtype, capture_fn
+                 body: ChunkBody = traced_logits, capture_fn: Callable[..., tuple] = capture) -> None:
+        self.model, self.autocast_dtype, self.body, self._capture = model, autocast_dtype, body, capture_fn
         self._slots: dict[tuple[tuple[int, ...], int, int], _ChunkSlot] = {}
 
     def __len__(self) -> int:
@@ -220,9 +231,8 @@ class ChunkGraphs:
             device = self.model.lm_head.weight.device
             cache = self.model.backbone.allocate_cache(batch, widths, device)
             ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-            graph, logits = self._capture(lambda: self.model.forward_unchecked(ids, widths, cache, keep_states=True),
-                                          self.autocast_dtype)
-            slot = self._slots[(widths, batch, length)] = _ChunkSlot(cache, ids, logits, graph)
+            graph, out = self._capture(lambda: self.body(self.model, ids, widths, cache), self.autocast_dtype)
+            slot = self._slots[(widths, batch, length)] = _ChunkSlot(cache, ids, out, graph)
         return slot
 
     def warmup(self, widths: tuple[int, ...], lengths: range, batch: int = 1) -> None:
@@ -232,21 +242,25 @@ class ChunkGraphs:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """ids (batch, length) on the model's device -> logits (batch, length, vocab); updates ``cache``."""
-        self.model.check_ids(ids)  # an out-of-vocabulary id inside a replay would fault the whole CUDA context
+        """ids (batch, length) -> the body's output (logits (batch, length, vocab) by default); updates ``cache``.
+
+        Pass ``ids`` on the host where they come from there: they are checked there, at no device sync, and
+        copied in; ids on the device are checked with one read-back (an out-of-vocabulary id inside a replay
+        would fault the whole CUDA context).
+        """
+        self.model.check_ids(ids)
         batch, length = ids.shape
         slot = self._slot(cache.widths, batch, length)
-        for static, state in zip(slot.cache.states, cache.states):
-            static.conv.copy_(state.conv)
-            static.ssm.copy_(state.ssm)
+        statics = [t for s in slot.cache.states for t in (s.conv, s.ssm)]
+        states = [t for s in cache.states for t in (s.conv, s.ssm)]
+        torch._foreach_copy_(statics, states)
         slot.ids.copy_(ids)
         slot.graph.replay()
+        torch._foreach_copy_(states, statics)
         for static, state in zip(slot.cache.states, cache.states):
-            state.conv.copy_(static.conv)
-            state.ssm.copy_(static.ssm)
             state.trace = static.trace
         cache.seqlen += length
-        return slot.logits
+        return slot.out
 
 
 # ---------------------------------------------------------------- whole forwards

@@ -259,21 +259,88 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
 
 def ssd_state_after(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor,
-                    initial_states: torch.Tensor, keep: int) -> torch.Tensor:
+                    initial_states: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
     """The SSM state after the first ``keep`` positions of a chunk read from ``initial_states``.
 
     x: (b, l, h, p); dt: (b, l, h) raw; A, dt_bias: (h,); B: (b, l, g, n); initial_states: (b, h, p, n).
     Returns (b, h, p, n) fp32: the recurrence of `ssd_step` in closed form,
     S_t = e^{a_t} S_0 + sum_{s<=t} e^{a_t - a_s} dt_s x_s B_s^T with a_t = sum_{r<=t} dt_r A, for t = keep - 1.
     Costs one pass over the kept positions: speculative verification calls it once, for the accepted prefix.
+    ``keep`` may be a 0-dim int64 tensor on x's device (inside a CUDA graph, where it is known only on the
+    device): the positions from ``keep`` on then get dt = 0, which neither decays nor adds to the state, so
+    the same static-shape arithmetic serves every ``keep`` without reading it back to the host.
     """
     h = x.shape[2]
-    x, B = x[:, :keep].float(), B[:, :keep].float().repeat_interleave(h // B.shape[2], dim=2)  # (b, t, h, p|n)
-    dt = F.softplus(dt[:, :keep].float() + dt_bias.float())  # (b, t, h)
+    dt = F.softplus(dt.float() + dt_bias.float())  # (b, l, h)
+    if isinstance(keep, torch.Tensor):
+        kept = torch.arange(x.shape[1], device=x.device) < keep  # (l,)
+        dt = dt * kept[:, None]
+    else:
+        x, B, dt = x[:, :keep], B[:, :keep], dt[:, :keep]
+    x, B = x.float(), B.float().repeat_interleave(h // B.shape[2], dim=2)  # (b, t, h, p|n)
     a_cum = torch.cumsum(dt * A.float(), dim=1)  # (b, t, h)
     weight = (a_cum[:, -1:] - a_cum).exp() * dt  # (b, t, h): e^{a_last - a_s} dt_s
     inputs = torch.einsum("bsh,bshp,bshn->bhpn", weight, x, B)
     return inputs + a_cum[:, -1].exp()[..., None, None] * initial_states.float()
+
+
+# Threshold above which softplus(x) is x in fp32 (as torch's F.softplus and mamba-ssm's state update use).
+SOFTPLUS_LINEAR_ABOVE = 20.0
+# Rows of the state (headdim) per program of the rewind kernel: a program holds ROWS x d_state fp32 values.
+REWIND_ROWS = 16
+
+
+@functools.cache
+def _rewind_kernel():
+    """The SSM state after the first ``keep`` positions of a traced chunk, ``keep`` read on the device: one
+    program per (sequence, head, block of rows) replays the recurrence of `ssd_step` from the state before
+    the chunk over the kept positions and overwrites the state; with every position kept it writes nothing
+    (the scan's final state stays). One launch per layer for what is ~20 PyTorch kernels in
+    `ssd_state_after`, inside the verification graph where each launch costs microseconds whatever its size."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(state_ptr, before_ptr, x_ptr, dt_ptr, b_ptr, a_ptr, dt_bias_ptr, keep_ptr, length, rows, d_state,
+               s_b, s_h, s_p, s_n, o_b, o_h, o_p, o_n, x_b, x_l, x_h, x_p, dt_b, dt_l, dt_h, b_b, b_l, b_g, b_n,
+               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, SOFTPLUS_ABOVE: tl.constexpr):
+        seq, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        keep = tl.load(keep_ptr)
+        if keep < length:
+            p = block * ROWS + tl.arange(0, ROWS)
+            n = tl.arange(0, STATE)
+            mask = (p[:, None] < rows) & (n[None, :] < d_state)
+            before = before_ptr + seq * o_b + head * o_h + p[:, None] * o_p + n[None, :] * o_n
+            state = tl.load(before, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + head).to(tl.float32)
+            dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+            group = head // HEADS_PER_GROUP
+            for t in range(0, keep):
+                dt = tl.load(dt_ptr + seq * dt_b + t * dt_l + head * dt_h).to(tl.float32) + dt_bias
+                dt = tl.where(dt <= SOFTPLUS_ABOVE, tl.log(1.0 + tl.exp(dt)), dt)
+                x = tl.load(x_ptr + seq * x_b + t * x_l + head * x_h + p * x_p, mask=p < rows, other=0.0)
+                bt = tl.load(b_ptr + seq * b_b + t * b_l + group * b_g + n * b_n, mask=n < d_state, other=0.0)
+                state = state * tl.exp(dt * a) + (dt * x.to(tl.float32))[:, None] * bt.to(tl.float32)[None, :]
+            tl.store(state_ptr + seq * s_b + head * s_h + p[:, None] * s_p + n[None, :] * s_n, state, mask=mask)
+
+    return kernel
+
+
+def ssd_rewind_triton(state: torch.Tensor, initial_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                      A: torch.Tensor, B: torch.Tensor, dt_bias: torch.Tensor, keep: torch.Tensor) -> None:
+    """Overwrite ``state`` (b, h, p, n) fp32 with the state after the first ``keep`` positions of the chunk
+    (shapes as `ssd_state_after`; ``keep`` a 0-dim int64 CUDA tensor in 1..L); leaves it as it is when
+    keep == L. The CUDA twin of ``state.copy_(ssd_state_after(...))``, one kernel and no host sync."""
+    import triton
+
+    batch, length, heads, rows = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    grid = (batch, heads, triton.cdiv(rows, REWIND_ROWS))
+    _rewind_kernel()[grid](
+        state, initial_states, x, dt, B, A, dt_bias, keep, length, rows, d_state,
+        *state.stride(), *initial_states.stride(), *x.stride(), *dt.stride(), *B.stride(),
+        HEADS_PER_GROUP=heads // groups, ROWS=REWIND_ROWS, STATE=triton.next_power_of_2(d_state),
+        SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cloud.runner import VERIFY_GRAPH_LENGTHS, ModelRunner
-from cloud.speculative import Verifier, accept_drafts
+from cloud.speculative import Verifier, accept_drafts, greedy_round
 from matmamba import MatMambaLM, load_model
 from matmamba.cuda_graphs import ChunkGraphs
 from matmamba.generation import SamplingParams, sample_next, sampling_probs
@@ -53,6 +53,28 @@ def test_rewind_equals_reading_only_the_kept_tokens(level: int, keep: int) -> No
         torch.testing.assert_close(mine.conv, other.conv)
         torch.testing.assert_close(mine.ssm, other.ssm, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_rewind_with_a_device_keep_equals_the_host_rewind(level: int) -> None:
+    """The static-shape rollback a CUDA graph runs (keep a 0-dim tensor) lands where rewind(int) does, every keep."""
+    model = small_lm(seed=6)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(level))
+    with torch.no_grad():
+        for keep in range(1, 8):
+            host, device = model.allocate_cache(1, level), model.allocate_cache(1, level)
+            for cache in (host, device):
+                model(ids[:, :5], cache=cache)
+                model(ids[:, 5:], cache=cache, keep_states=True)  # 7 tokens traced
+            host.rewind(keep)
+            device.rewind_states(torch.tensor(keep))
+            for mine, other in zip(device.states, host.states):
+                assert mine.trace is None
+                torch.testing.assert_close(mine.conv, other.conv, atol=0, rtol=0)
+                torch.testing.assert_close(mine.ssm, other.ssm, atol=1e-6, rtol=1e-5)
+        model(ids[:, 5:], cache=device, keep_states=True)
+    with pytest.raises(TypeError, match="0-dim int64"):
+        device.rewind_states(torch.tensor([3]))
 
 
 def test_state_after_a_prefix_follows_the_recurrence_and_ends_at_the_scan_state() -> None:
@@ -199,6 +221,36 @@ def test_verifier_through_chunk_graphs_gives_greedy_decoding(austen: ModelRunner
     assert len(runner.chunk_graphs) == 4  # no capture outside warm-up
 
 
+def test_greedy_round_graphs_equal_the_host_round(austen: ModelRunner) -> None:
+    """Greedy rounds through the whole-round body (acceptance and rollback on the device): the tokens of greedy
+    decoding, and each verdict (accepted count, token, log-probabilities) equal to the host round's."""
+    model = austen.model
+    runner = ModelRunner(model, torch.device("cpu"), precision="fp32")
+    runner.round_graphs = ChunkGraphs(model, body=greedy_round, capture_fn=_eager_capture)
+    runner.round_graphs.warmup(model.backbone.resolve_widths(), range(1, 6))  # drafts of k <= 4 replay
+    verifier, host = Verifier(runner), Verifier(austen)
+    edge_width = model.config.d_model // 2
+    for i, prompt in enumerate(_prompts(model, 4)):
+        ref = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0, len(prompt):].tolist()
+        got, _, _ = speculate(verifier, prompt, 16, edge_width, k=1 + i)
+        assert got == ref, f"prompt {i}"
+    prompt = _prompts(model, 1)[0]
+    inputs = _inputs(prompt, 40, GREEDY, None, model.config.d_model)
+    ref = model.generate(torch.tensor([prompt]), 4, temperature=0.0)[0, len(prompt):].tolist()
+    ours, theirs = verifier.open(inputs)[0], host.open(inputs)[0]
+    drafts = np.random.default_rng(0).integers(0, model.config.vocab_size, (6, 4))
+    drafts[0] = ref  # the full model's own continuation: every draft accepted, then a bonus token
+    accepted = []
+    for draft in drafts:
+        a, b = verifier.verify(ours, draft, None), host.verify(theirs, draft, None)
+        assert (a.accepted, a.next_token) == (b.accepted, b.next_token)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        assert ours.position == theirs.position and ours.cache.seqlen == theirs.cache.seqlen
+        accepted.append(a.accepted)
+    assert accepted[0] == 4 and min(accepted) == 0  # both ends of the acceptance were exercised
+    assert len(runner.round_graphs) == 5  # no capture outside warm-up
+
+
 # ------------------------------------------------------------------ sampling
 
 
@@ -331,10 +383,10 @@ def test_cuda_verification_graphs_equal_eager_verification() -> None:
     model = load_model(LM, device=torch.device("cuda"))
     runner = ModelRunner(model, torch.device("cuda"), precision="fp32")
     runner.warmup()
-    assert len(runner.chunk_graphs) == len(VERIFY_GRAPH_LENGTHS)
+    assert len(runner.chunk_graphs) == len(runner.round_graphs) == len(VERIFY_GRAPH_LENGTHS)
     verifier = Verifier(runner)
     for i, prompt in enumerate(_prompts(model, 8)):
         ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
         got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 2, k=1 + i % 8)
         assert got == ref, f"prompt {i}"
-    assert len(runner.chunk_graphs) == len(VERIFY_GRAPH_LENGTHS)
+    assert len(runner.chunk_graphs) == len(runner.round_graphs) == len(VERIFY_GRAPH_LENGTHS)

@@ -1,0 +1,154 @@
+"""Where a verification round's cloud time goes, against a cloud-only decode step (GPU, one process, no RPC).
+
+    python -m bench.verify_profile --out runs/verify_profile.json      # on the device: bash bench/gpu_suite.sh spec
+
+The shipped LM checkpoint in a ``cloud.runner.ModelRunner`` on CUDA, warmed up as ``python -m cloud``
+warms it (decode graphs, verification graphs), at ``--precision fp32`` as bench/spec_bench.py runs it.
+Measured side by side, medians over repetitions:
+
+- **cloud-only**: the wall time per token of ``runner.generate`` (greedy, what a Generate stream costs
+  the cloud per token), and the GPU time of one replay of the decode-step graph (CUDA events);
+- **a verification round** of k drafts, k = 1, 2, 4, 8, drafts all accepted (the model's own greedy
+  continuation: nothing to roll back) and all rejected (random ids: roll back to the pending token):
+  the wall time of ``Verifier.verify`` with the whole round in one graph (greedy rounds, the default)
+  and with acceptance and rollback on the host after the forward graph (as sampling rounds run), and
+  the GPU time of one replay of the whole-round graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.block_bench import environment, finish
+from cloud.runner import ModelRunner
+from cloud.speculative import Verifier
+from matmamba import load_model
+from proto.validate import GenerateInputs
+
+log = logging.getLogger("verify_profile")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "checkpoints" / "matmamba-lm-austen"
+PROMPT = "It is a truth universally acknowledged"
+DRAFTS = (1, 2, 4, 8)
+REPS = 50  # timed rounds (or replays) per configuration
+TOKENS = 64  # tokens per timed cloud-only generation
+
+
+def gpu_ms(replay) -> float:
+    """Median GPU time of ``replay()`` by CUDA events, ms."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(REPS):
+        begin.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, float]:
+    inputs = GenerateInputs(prompt, TOKENS, 0.0, 0, 1.0, None, runner.config.d_model, "profile")
+    walls, tokens = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        runner.generate(inputs, threading.Event(), lambda token, logprob: tokens.append(token))
+        walls.append((time.perf_counter() - start) * 1e3 / TOKENS)
+    slot = runner._decode_graphs.acquire(runner.model.backbone.resolve_widths(), 1)
+    try:
+        step = gpu_ms(slot.graph.replay)
+    finally:
+        runner._decode_graphs.release(slot)
+    return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_step": step, "greedy": tokens[:TOKENS]}
+
+
+def rounds(runner: ModelRunner, prompt: np.ndarray, k: int, drafts: np.ndarray, on_device: bool) -> tuple[float, int]:
+    """Median wall ms of Verifier.verify, each round ``drafts`` from the state after the prompt; drafts accepted."""
+    graphs, runner.round_graphs = runner.round_graphs, runner.round_graphs if on_device else None
+    try:
+        verifier = Verifier(runner)
+        inputs = GenerateInputs(prompt, (REPS + 1) * (k + 1), 0.0, 0, 1.0, None, runner.config.d_model, "profile")
+        session, _ = verifier.open(inputs)
+        opened = session.cache.clone()
+        walls = []
+        for _ in range(REPS):
+            session.cache.copy_(opened)  # the same round again, from the state after the prompt
+            session.pending = int(prompt[-1])
+            start = time.perf_counter()
+            verdict = verifier.verify(session, drafts, None)
+            walls.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(walls), verdict.accepted
+    finally:
+        runner.round_graphs = graphs
+
+
+def round_gpu_ms(runner: ModelRunner, k: int) -> float:
+    slot = runner.round_graphs._slot(runner.model.backbone.resolve_widths(), 1, k + 1)
+    return gpu_ms(slot.graph.replay)
+
+
+@torch.inference_mode()
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda")
+    runner = ModelRunner(load_model(args.checkpoint, device=device), device, precision="fp32")
+    runner.warmup()
+    prompt = np.asarray(runner.tokenizer.encode(PROMPT), dtype=np.int64)
+    base = cloud_only(runner, prompt)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"environment": environment(), "checkpoint": str(args.checkpoint), "precision": "fp32",
+                           "cloud_only": {k: v for k, v in base.items() if k != "greedy"}, "rounds": []}
+    for k in DRAFTS:
+        accepted = np.asarray(base["greedy"][:k], dtype=np.int64)
+        rejected = rng.integers(0, runner.config.vocab_size, k)
+        rejected[0] = (accepted[0] + 1) % runner.config.vocab_size  # the first draft is wrong: nothing kept
+        row = {"k": k, "round_gpu_ms": round_gpu_ms(runner, k)}
+        for name, drafts in (("accepted", accepted), ("rejected", rejected)):
+            row[f"device_round_ms_{name}"], row[f"kept_{name}"] = rounds(runner, prompt, k, drafts, on_device=True)
+            row[f"host_round_ms_{name}"], host_kept = rounds(runner, prompt, k, drafts, on_device=False)
+            assert host_kept == row[f"kept_{name}"], "the two round paths disagree"
+        out["rounds"].append(row)
+        log.info("k %d: %s", k, row)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    env, base = result["environment"], result["cloud_only"]
+    lines = [f"verification round vs decode step on {env['device']} (torch {env['torch']}), fp32, one process",
+             f"cloud-only: {base['wall_ms_per_token']:.3f} ms wall per token, decode-step graph "
+             f"{base['gpu_ms_per_step']:.3f} ms GPU",
+             "| k drafts | round graph GPU ms | round wall ms, on device: all accepted / all rejected | "
+             "round wall ms, host acceptance + rollback: all accepted / all rejected |",
+             "| --- | --- | --- | --- |"]
+    for r in result["rounds"]:
+        lines.append(f"| {r['k']} | {r['round_gpu_ms']:.3f} | {r['device_round_ms_accepted']:.3f} / "
+                     f"{r['device_round_ms_rejected']:.3f} | {r['host_round_ms_accepted']:.3f} / "
+                     f"{r['host_round_ms_rejected']:.3f} |")
+    lines.append("(drafts accepted, all-accepted rows: " + ", ".join(f"k {r['k']}: {r['kept_accepted']}"
+                                                                     for r in result["rounds"]) + ")")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--out", type=Path, default=None, help="JSON result (a table goes to stdout)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        parser.error("needs CUDA: run it on the device (bash bench/gpu_suite.sh spec)")
+    return finish(run(args), args.out, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The decode-step GEMV (`kernels.gemv_triton`) against its PyTorch twin under Triton's CPU interpreter,
+and the dispatch rule that decides where it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matmamba import kernels
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Build the Triton kernel for Triton's CPU interpreter (CPU tensors), and forget it afterwards."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels._gemv_kernel.cache_clear()
+    yield
+    kernels._gemv_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 64), (37, 100), (300, 257), (129, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_triton_equals_torch(interpreter, n: int, k: int, batch: int, dtype: torch.dtype, tol: float,
+                                  bias: bool) -> None:
+    torch.manual_seed(n + k + batch)
+    x = torch.randn(batch, k).to(dtype)
+    weight = torch.randn(n, k).to(dtype) / k**0.5
+    b = torch.randn(n).to(dtype) if bias else None
+    out = kernels.gemv_triton(x, weight, b)
+    assert out.shape == (batch, n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), kernels.gemv_torch(x, weight, b).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("block_n,block_k", [(1, 64), (8, 128), (16, 512)])
+def test_gemv_triton_any_tiling_on_strided_operands(interpreter, block_n: int, block_k: int) -> None:
+    """A column slice of the weight (out_proj at a nested width) and a strided input row, under other tilings."""
+    torch.manual_seed(0)
+    full = torch.randn(50, 300)
+    weight = full[:, :200]  # rows of stride 300
+    x = torch.randn(3, 250)[:, 20:220]
+    out = kernels.gemv_triton(x, weight, None, block_n=block_n, block_k=block_k)
+    torch.testing.assert_close(out, kernels.gemv_torch(x, weight, None), atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_config_fills_the_chip_and_bounds_the_tile() -> None:
+    sms = 132
+    for batch in (1, 3, 8):
+        for n, k in [(643, 768), (768, 192), (1288, 2048), (2048, 512), (8512, 2048), (2048, 4096)]:
+            block_b, block_n, block_k = kernels.gemv_config(batch, n, k, sms)
+            tile = block_b * block_n * block_k
+            assert block_b >= batch
+            assert tile <= max(kernels.GEMV_TILE_ELEMS, block_b * block_n * kernels.GEMV_BLOCK_K_MIN)
+            assert block_n == 1 or -(-n // block_n) >= kernels.GEMV_PROGRAMS_PER_SM * sms
+
+
+def test_decode_linear_uses_torch_on_cpu() -> None:
+    x, weight = torch.randn(1, 32), torch.randn(16, 32)
+    assert not kernels.use_triton_gemv(x, weight)
+    with kernels.decode_gemv("triton"):
+        assert not kernels.use_triton_gemv(x, weight)  # CPU tensors: the interpreter is for tests only
+        torch.testing.assert_close(kernels.decode_linear(x, weight, None), torch.nn.functional.linear(x, weight, None))
+    with pytest.raises(ValueError, match="decode_gemv mode"):
+        with kernels.decode_gemv("fast"):
+            pass

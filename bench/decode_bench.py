@@ -117,7 +117,8 @@ def reference_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> 
 
 
 @torch.inference_mode()
-def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool) -> dict[str, Any]:
+def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool,
+             batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = lm_config(d_model, n_layer)
     with torch.device("cuda"):
@@ -126,7 +127,7 @@ def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool
     forced = {mode: DecodeGraphs(model) for mode in GEMV_MODES}  # each captures its graphs under its mode
     reference = mamba_ssm_lm(d_model, n_layer)
     out: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "vocab": VOCAB, "rows": []}
-    for batch in BATCHES:
+    for batch in batches:
         prompt = torch.randint(0, VOCAB, (batch, PROMPT_LEN), device="cuda")
         ref_rate = decode_rate(functools.partial(reference_generate, reference, prompt), batch, N_SHORT, N_LONG)
         for level in LEVELS:
@@ -187,12 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m, -1.3b and -2.7b "
                         "shapes)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager decoding reference")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated (default %(default)s)")
     args = p.parse_args(argv)
+    batches = tuple(int(v) for v in args.batches.split(","))
     result = start(p, "decode")
     result["sizes"] = []
     for i, size in enumerate(args.sizes.split(",")):  # eager decoding (slow) on the first size only
         d_model, n_layer = (int(v) for v in size.split("x"))
-        result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager))
+        result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager,
+                                        batches=batches))
     return finish(result, args.out, table)
 
 

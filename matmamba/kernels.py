@@ -194,17 +194,20 @@ def conv_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.
 
 # A decode step's in_proj and out_proj are GEMVs at batch 1: (batch, K) @ (N, K)^T. At narrow widths cuBLAS
 # launches ~20-32 CTAs for them (d2048 level 8 on an H100: 9.2 us for both against a 2.4 us byte floor), so they
-# are latency-bound. The Triton GEMV below tiles N finely instead, to put a few programs on every SM.
+# are latency-bound. The Triton GEMV below tiles N finely instead: N / 4 programs, >= 160 at the decode shapes.
+# The tiling and the rule are from bench/gemv_bench.py on an H200 (docs/results/gpu/gemv_bench.log).
 GEMV_MAX_BATCH = 8  # the kernel keeps every sequence's partial sums in registers; wider batches are GEMMs
-# Products one program computes per K step (BLOCK_B * BLOCK_N * BLOCK_K): 32 fp32 values per thread at 4 warps.
-GEMV_TILE_ELEMS = 4096
-GEMV_PROGRAMS_PER_SM = 2  # the grid the tiling aims for: enough resident loads per SM to cover DRAM latency
-GEMV_BLOCK_N_MAX = 64
-GEMV_BLOCK_K_MIN = 64  # 128-byte bf16 rows per load at the least
+GEMV_BLOCK_N = 4  # rows per program: within ~5% of the best swept tiling at every decode shape, batch 1
+# K per step (batch 1): one step when K fits (the swept optimum), else 2048 when it divides K, else 1024
+# (a 2048 step with a half-masked tail measured up to 25% slower at K = 2560 and 5120).
+GEMV_BLOCK_K_MAX = 2048
+# Products in one program's tile (BLOCK_B * BLOCK_N * BLOCK_K): 64 fp32 accumulators per thread at 4 warps.
+GEMV_TILE_ELEMS = 8192
 GEMV_NUM_WARPS = 4
-GEMV_DEFAULT_SMS = 132  # an H100's / H200's SM count, for the interpreter (CPU tensors)
-# Weights above this size stay on cuBLAS: wide projections have enough CTAs to stream at 2-2.3 TB/s there.
-GEMV_MAX_WEIGHT_BYTES = 16 * 2**20
+# Weights with more rows than this stay on cuBLAS: with N >= 5416 (d2048 / d2560 in_proj at levels 1-2) it runs
+# enough CTAs and measured 5-12% faster than the Triton GEMV; at N <= 4096 (every out_proj, narrower in_proj)
+# the Triton GEMV measured 1.0-1.9x faster.
+GEMV_MAX_ROWS = 4096
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _gemv_mode = "auto"
@@ -233,7 +236,7 @@ def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return False
-    return _gemv_mode == "triton" or weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES
+    return _gemv_mode == "triton" or weight.shape[0] <= GEMV_MAX_ROWS
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -252,22 +255,15 @@ def _next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return GEMV_DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def gemv_config(batch: int, n: int, k: int, sms: int = GEMV_DEFAULT_SMS) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K): the widest N tile that still gives GEMV_PROGRAMS_PER_SM programs per SM,
-    then the longest K step that keeps a program's tile at GEMV_TILE_ELEMS products."""
+def gemv_config(batch: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K) for a (batch, k) input: GEMV_BLOCK_N rows per program, the K step of
+    GEMV_BLOCK_K_MAX's comment, shortened so that a program's tile stays within GEMV_TILE_ELEMS products."""
     block_b = _next_pow2(batch)
-    block_n = GEMV_BLOCK_N_MAX
-    while block_n > 1 and -(-n // block_n) < GEMV_PROGRAMS_PER_SM * sms:
-        block_n //= 2
-    block_k = max(GEMV_BLOCK_K_MIN, min(_next_pow2(k), GEMV_TILE_ELEMS // (block_b * block_n)))
-    return block_b, block_n, block_k
+    if k <= GEMV_BLOCK_K_MAX:
+        block_k = _next_pow2(k)
+    else:
+        block_k = GEMV_BLOCK_K_MAX if k % GEMV_BLOCK_K_MAX == 0 else GEMV_BLOCK_K_MAX // 2
+    return block_b, GEMV_BLOCK_N, min(block_k, GEMV_TILE_ELEMS // (block_b * GEMV_BLOCK_N))
 
 
 @functools.cache
@@ -316,7 +312,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and weight.stride(-1) == 1
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_b, auto_n, auto_k = gemv_config(batch, n, k, _sm_count(x.device))
+    block_b, auto_n, auto_k = gemv_config(batch, k)
     block_n, block_k = block_n or auto_n, block_k or auto_k
     out = torch.empty(batch, n, device=x.device, dtype=x.dtype)
     grid = (-(-n // block_n),)

@@ -204,9 +204,9 @@ GEMV_BLOCK_K_MAX = 2048
 # Products in one program's tile (BLOCK_B * BLOCK_N * BLOCK_K): 64 fp32 accumulators per thread at 4 warps.
 GEMV_TILE_ELEMS = 8192
 GEMV_NUM_WARPS = 4
-# Weights with more rows than this stay on cuBLAS: with N >= 5416 (d2048 / d2560 in_proj at levels 1-2) it runs
-# enough CTAs and measured 5-12% faster than the Triton GEMV; at N <= 4096 (every out_proj, narrower in_proj)
-# the Triton GEMV measured 1.0-1.9x faster.
+# Weights with more rows than this stay on cuBLAS: with N >= 5416 (d2048 level-1, d2560 level-1/2 in_proj) it runs
+# enough CTAs and measured 6-13% faster than the Triton GEMV; at N <= 4096 (every out_proj, narrower in_proj)
+# the Triton GEMV measured 1.03-2.04x faster (N = 4384 in between: a 4% Triton lead, within the noise).
 GEMV_MAX_ROWS = 4096
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

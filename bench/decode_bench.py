@@ -29,7 +29,7 @@ from bench.block_bench import finish, start
 from matmamba import MatMamba2Config, MatMambaLM, MatMambaLMConfig
 from matmamba.cuda_graphs import DecodeGraphs
 from matmamba.flops import count_params
-from matmamba.kernels import import_mamba_ssm
+from matmamba.kernels import decode_gemv, import_mamba_ssm
 from matmamba.nesting import nested_dims
 
 log = logging.getLogger("decode_bench")
@@ -44,6 +44,9 @@ PREFILL = (8, 2048)  # batch, length of the prefill measurement
 VOCAB = 50280
 HEADDIM, D_STATE = 64, 128
 DTYPE = torch.bfloat16
+# At batch 1 the graph decode is also timed with the step's projections forced onto each kernel
+# (matmamba.kernels.decode_gemv), so the default rule ("auto") is compared with both in the same run.
+GEMV_MODES = ("cublas", "triton")
 
 
 def lm_config(d_model: int, n_layer: int) -> MatMambaLMConfig:
@@ -114,15 +117,17 @@ def reference_generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> 
 
 
 @torch.inference_mode()
-def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool) -> dict[str, Any]:
+def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool,
+             batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = lm_config(d_model, n_layer)
     with torch.device("cuda"):
         model = MatMambaLM(cfg).to(DTYPE).eval()
     graphs = DecodeGraphs(model)
+    forced = {mode: DecodeGraphs(model) for mode in GEMV_MODES}  # each captures its graphs under its mode
     reference = mamba_ssm_lm(d_model, n_layer)
     out: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "vocab": VOCAB, "rows": []}
-    for batch in BATCHES:
+    for batch in batches:
         prompt = torch.randint(0, VOCAB, (batch, PROMPT_LEN), device="cuda")
         ref_rate = decode_rate(functools.partial(reference_generate, reference, prompt), batch, N_SHORT, N_LONG)
         for level in LEVELS:
@@ -130,6 +135,10 @@ def run_size(d_model: int, n_layer: int, ceilings: dict[str, float], eager: bool
                                    "mamba_ssm_cg_tokens_per_s": ref_rate}
             row["graph_tokens_per_s"] = decode_rate(functools.partial(greedy, graphs, prompt, level),
                                                     batch, N_SHORT, N_LONG)
+            for mode, mode_graphs in forced.items() if batch == 1 else ():
+                with decode_gemv(mode):
+                    row[f"graph_{mode}_gemv_tokens_per_s"] = decode_rate(
+                        functools.partial(greedy, mode_graphs, prompt, level), batch, N_SHORT, N_LONG)
             if eager and batch == 1:
                 row["eager_tokens_per_s"] = decode_rate(functools.partial(greedy, model, prompt, level),
                                                         batch, EAGER_N_SHORT, EAGER_N_LONG)
@@ -155,15 +164,17 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"decode bench on {env['device']} (torch {env['torch']}, mamba-ssm {env['mamba_ssm']}, causal-conv1d "
              f"{env['causal_conv1d']}), bf16, greedy, prompt {PROMPT_LEN}, medians of {REPS}",
              "| model | batch | level | graph tok/s | vs level 1 | mamba-ssm cg tok/s | graph / mamba-ssm "
-             "| eager tok/s | % of floor |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| eager tok/s | % of floor | graph, cuBLAS GEMV | graph, Triton GEMV |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in result["sizes"]:
         name = f"d{size['d_model']} x {size['n_layer']}"
         for r in size["rows"]:
             eager = f"{r['eager_tokens_per_s']:.0f}" if "eager_tokens_per_s" in r else ""
+            modes = " | ".join(f"{r[f'graph_{m}_gemv_tokens_per_s']:.0f}" if f"graph_{m}_gemv_tokens_per_s" in r
+                               else "" for m in GEMV_MODES)
             lines.append(f"| {name} | {r['batch']} | {r['level']} | {r['graph_tokens_per_s']:.0f} "
                          f"| {r['speedup_vs_level1']:.2f}x | {r['mamba_ssm_cg_tokens_per_s']:.0f} "
-                         f"| {r['graph_vs_mamba_ssm']:.2f} | {eager} | {100 * r['of_floor']:.0f}% |")
+                         f"| {r['graph_vs_mamba_ssm']:.2f} | {eager} | {100 * r['of_floor']:.0f}% | {modes} |")
         b, n = size["prefill_shape"]
         lines.append(f"prefill {name} ({b}x{n} tokens), tokens/s by level: " + ", ".join(
             f"{level}: {rate:,.0f}" for level, rate in size["prefill_tokens_per_s"].items()))
@@ -177,12 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="d_model x n_layer, comma-separated (default %(default)s: mamba2-130m, -1.3b and -2.7b "
                         "shapes)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) eager decoding reference")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated (default %(default)s)")
     args = p.parse_args(argv)
+    batches = tuple(int(v) for v in args.batches.split(","))
     result = start(p, "decode")
     result["sizes"] = []
     for i, size in enumerate(args.sizes.split(",")):  # eager decoding (slow) on the first size only
         d_model, n_layer = (int(v) for v in size.split("x"))
-        result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager))
+        result["sizes"].append(run_size(d_model, n_layer, result["ceilings"], eager=i == 0 and not args.no_eager,
+                                        batches=batches))
     return finish(result, args.out, table)
 
 

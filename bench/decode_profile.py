@@ -24,6 +24,7 @@ from bench.block_bench import finish, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import MatMambaLM
 from matmamba.cuda_graphs import capture
+from matmamba.kernels import decode_gemv
 
 log = logging.getLogger("decode_profile")
 
@@ -70,20 +71,23 @@ def graph_step_us(model: MatMambaLM, level: int) -> float:
 
 
 @torch.inference_mode()
-def run_size(d_model: int, n_layer: int) -> dict[str, Any]:
+def run_size(d_model: int, n_layer: int, gemv_modes: list[str]) -> dict[str, Any]:
+    """Every level under each decode-projection mode (matmamba.kernels.decode_gemv), in one process."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = MatMambaLM(lm_config(d_model, n_layer)).to(DTYPE).eval()
     out: dict[str, Any] = {"d_model": d_model, "n_layer": n_layer, "levels": []}
-    for level in LEVELS:
-        kernels = profile_eager(model, level)
-        graph_us = graph_step_us(model, level)
+    for mode, level in ((m, lv) for m in gemv_modes for lv in LEVELS):
+        with decode_gemv(mode):
+            kernels = profile_eager(model, level)
+            graph_us = graph_step_us(model, level)
         launches = sum(k["per_step"] for k in kernels)
-        out["levels"].append({"level": level, "graph_step_us": graph_us, "graph_us_per_layer": graph_us / n_layer,
+        out["levels"].append({"level": level, "gemv": mode, "graph_step_us": graph_us,
+                              "graph_us_per_layer": graph_us / n_layer,
                               "launches_per_step": launches, "launches_per_layer": launches / n_layer,
                               "kernel_us_per_step": sum(k["us_per_step"] for k in kernels), "kernels": kernels})
-        log.info("d_model %d level %d: graph step %.1f us (%.2f us/layer), %.1f launches/layer", d_model, level,
-                 graph_us, graph_us / n_layer, launches / n_layer)
+        log.info("d_model %d level %d gemv %s: graph step %.1f us (%.2f us/layer), %.1f launches/layer", d_model,
+                 level, mode, graph_us, graph_us / n_layer, launches / n_layer)
     return out
 
 
@@ -93,7 +97,8 @@ def table(result: dict[str, Any]) -> str:
     for size in result["sizes"]:
         n_layer = size["n_layer"]
         for lv in size["levels"]:
-            lines.append(f"d{size['d_model']} x {n_layer} level {lv['level']}: graph step {lv['graph_step_us']:.1f} us "
+            lines.append(f"d{size['d_model']} x {n_layer} level {lv['level']} gemv {lv.get('gemv', 'auto')}: "
+                         f"graph step {lv['graph_step_us']:.1f} us "
                          f"({lv['graph_us_per_layer']:.2f} us/layer), kernels {lv['kernel_us_per_step']:.1f} us/step, "
                          f"{lv['launches_per_layer']:.2f} launches/layer")
             for k in lv["kernels"]:
@@ -106,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--sizes", default="2048x48", help="d_model x n_layer, comma-separated (default %(default)s)")
+    p.add_argument("--gemv-modes", default="auto",
+                   help="decode projections' kernel, comma-separated: auto, cublas, triton (default %(default)s)")
     args = p.parse_args(argv)
     result = start(p, "decode_profile")
-    result["sizes"] = [run_size(*(int(v) for v in size.split("x"))) for size in args.sizes.split(",")]
+    modes = args.gemv_modes.split(",")
+    result["sizes"] = [run_size(*(int(v) for v in size.split("x")), modes) for size in args.sizes.split(",")]
     return finish(result, args.out, table)
 
 

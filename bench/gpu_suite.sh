@@ -5,8 +5,9 @@
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
 # spec-tests, spec-profile and spec (speculative decoding's GPU tests; a round's cloud time, bench/verify_profile.py;
 # across tiers, bench/spec_bench.py),
-# block (nested block vs mamba-ssm Mamba2), decode (CUDA-graph decoding vs mamba-ssm generation, and the
-# kernels of one decode step, bench/decode_profile.py).
+# block (nested block vs mamba-ssm Mamba2), decode (the decode step's projections, cuBLAS vs the Triton GEMV,
+# bench/gemv_bench.py; CUDA-graph decoding vs mamba-ssm generation; the kernels of one decode step,
+# bench/decode_profile.py).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -73,7 +74,7 @@ for phase in "$@"; do
     # The GPU tests in two phases that each fit a 10-minute device call: on an H100 all of them took 505 s,
     # about half of it the Triton forward+backward comparisons (autotuning every shape).
     tests) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q -k "not forward_backward" tests/test_gpu.py \
-               tests/test_gpu_graphs.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
+               tests/test_gpu_graphs.py tests/test_gpu_gemv.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
     tests-train) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q -k forward_backward tests/test_gpu.py 2>&1; } \
                    | tee "$OUT/gpu_tests_train.log" | tail -15 ;;
     lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
@@ -106,9 +107,12 @@ for phase in "$@"; do
         --out "$OUT/cloud_bench.json" 2>&1 | tee "$OUT/cloud_bench.log" \
         || echo "cloud_bench ended with status $? (124 = the timeout: the JSON holds the worker counts measured)" ;;
     block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
-    decode) python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log"
-      python3 -m bench.decode_profile --sizes 2048x48 --out "$OUT/decode_profile.json" > "$OUT/decode_profile.log" 2>&1
-      tail -25 "$OUT/decode_profile.log" ;;
+    decode) python3 -m bench.gemv_bench --out "$OUT/gemv_bench.json" > "$OUT/gemv_bench.log" 2>&1
+      tail -50 "$OUT/gemv_bench.log"
+      python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log"
+      python3 -m bench.decode_profile --sizes 768x24,2048x48,2560x64 --gemv-modes auto,cublas \
+        --out "$OUT/decode_profile.json" > "$OUT/decode_profile.log" 2>&1
+      grep "graph step" "$OUT/decode_profile.log" ;;
     scale)  # cloud replicas through routers (bench/scale_bench.py): needs .raywhl carried, as router; ~6 min on an H100
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
       gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); gpus=${gpus:-0}

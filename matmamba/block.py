@@ -287,7 +287,7 @@ class MatMamba2(nn.Module):
         state.trace = None
         s = self.slices(state.width)
         d = s.dims
-        zxbcdt = F.linear(u, s.in_proj_w, s.in_proj_b)  # (B, 2*di + d_bc + h)
+        zxbcdt = kernels.decode_linear(u, s.in_proj_w, s.in_proj_b)  # (B, 2*di + d_bc + h)
         z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
         xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
         x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
@@ -297,4 +297,4 @@ class MatMamba2(nn.Module):
         )
         y = kernels.gated_rmsnorm(y.flatten(-2), z, s.norm_w, self.config.norm_eps, d.ngroups,
                                   self.config.norm_before_gate)
-        return F.linear(y, s.out_proj_w, s.out_proj_b)
+        return kernels.decode_linear(y, s.out_proj_w, s.out_proj_b)

@@ -13,6 +13,7 @@ path, none of its `__init__`) so that only the Triton submodules we name get imp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -186,6 +187,138 @@ def conv_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.
         conv_state, xbc, weight, weight if bias is None else bias, out, channels,
         *conv_state.stride(), xbc.stride(0), *weight.stride(), out.stride(0),
         WIDTH=conv_state.shape[-1], HAS_BIAS=bias is not None, BLOCK=CONV_STEP_BLOCK)
+    return out
+
+
+# ---------------------------------------------------------------- decode-step projections (GEMV)
+
+# A decode step's in_proj and out_proj are GEMVs at batch 1: (batch, K) @ (N, K)^T. At narrow widths cuBLAS
+# launches ~20-32 CTAs for them (d2048 level 8 on an H100: 9.2 us for both against a 2.4 us byte floor), so they
+# are latency-bound. The Triton GEMV below tiles N finely instead: N / 4 programs, >= 160 at the decode shapes.
+# The tiling and the rule are from bench/gemv_bench.py on an H200 (docs/results/gpu/gemv_bench.log).
+GEMV_MAX_BATCH = 8  # the kernel keeps every sequence's partial sums in registers; wider batches are GEMMs
+GEMV_BLOCK_N = 4  # rows per program: within ~5% of the best swept tiling at every decode shape, batch 1
+# K per step (batch 1): one step when K fits (the swept optimum), else 2048 when it divides K, else 1024
+# (a 2048 step with a half-masked tail measured up to 25% slower at K = 2560 and 5120).
+GEMV_BLOCK_K_MAX = 2048
+# Products in one program's tile (BLOCK_B * BLOCK_N * BLOCK_K): 64 fp32 accumulators per thread at 4 warps.
+GEMV_TILE_ELEMS = 8192
+GEMV_NUM_WARPS = 4
+# Weights with more rows than this stay on cuBLAS: with N >= 5416 (d2048 level-1, d2560 level-1/2 in_proj) it runs
+# enough CTAs and measured 6-13% faster than the Triton GEMV; at N <= 4096 (every out_proj, narrower in_proj)
+# the Triton GEMV measured 1.03-2.04x faster (N = 4384 in between: a 4% Triton lead, within the noise).
+GEMV_MAX_ROWS = 4096
+GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_gemv_mode = "auto"
+
+
+@contextlib.contextmanager
+def decode_gemv(mode: str):
+    """Force the decode projections' kernel while the block is active: "auto" (the size rule of
+    `use_triton_gemv`), "cublas" (always F.linear) or "triton" (the Triton GEMV wherever it can run).
+    For benchmarks and tests; a CUDA graph keeps the choice made when it was captured."""
+    global _gemv_mode
+    if mode not in ("auto", "cublas", "triton"):
+        raise ValueError(f"decode_gemv mode must be 'auto', 'cublas' or 'triton', got {mode!r}")
+    previous, _gemv_mode = _gemv_mode, mode
+    try:
+        yield
+    finally:
+        _gemv_mode = previous
+
+
+def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `decode_linear` runs the Triton GEMV on these operands (see the GEMV_* constants)."""
+    if _gemv_mode == "cublas" or not x.is_cuda or x.dim() != 2 or x.shape[0] > GEMV_MAX_BATCH:
+        return False
+    if x.dtype != weight.dtype or x.dtype not in GEMV_DTYPES or weight.stride(-1) != 1:
+        return False
+    if torch.is_autocast_enabled() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    return _gemv_mode == "triton" or weight.shape[0] <= GEMV_MAX_ROWS
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a decode step: the Triton GEMV where `use_triton_gemv` says it is faster, else cuBLAS."""
+    if use_triton_gemv(x, weight):
+        return gemv_triton(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch twin of `gemv_triton` (its reference): x (batch, K) @ weight (N, K)^T + bias, fp32 inside."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def gemv_config(batch: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K) for a (batch, k) input: GEMV_BLOCK_N rows per program, the K step of
+    GEMV_BLOCK_K_MAX's comment, shortened so that a program's tile stays within GEMV_TILE_ELEMS products."""
+    block_b = _next_pow2(batch)
+    if k <= GEMV_BLOCK_K_MAX:
+        block_k = _next_pow2(k)
+    else:
+        block_k = GEMV_BLOCK_K_MAX if k % GEMV_BLOCK_K_MAX == 0 else GEMV_BLOCK_K_MAX // 2
+    return block_b, GEMV_BLOCK_N, min(block_k, GEMV_TILE_ELEMS // (block_b * GEMV_BLOCK_N))
+
+
+@functools.cache
+def _gemv_kernel():
+    """out[b, n] = sum_k x[b, k] w[n, k] (+ bias[n]): each program owns BLOCK_N rows of w for every sequence,
+    walks K in BLOCK_K steps with fp32 partial products, and reduces and stores once. No split over K:
+    the decode shapes have N >= d_model rows, enough programs without a second launch or atomics."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["batch", "n", "o_b"])  # masks only: one compile for every N and batch
+    def kernel(x_ptr, w_ptr, b_ptr, out_ptr, batch, n, k, x_b, w_n, o_b,
+               HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        seqs = tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, BLOCK_K)
+        row_mask = rows < n
+        seq_mask = seqs < batch
+        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            col_mask = k0 + cols < k
+            w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+            x = tl.load(x_ptr + seqs[:, None] * x_b + (k0 + cols)[None, :],
+                        mask=seq_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_B, BLOCK_K)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=seq_mask[:, None] & row_mask[None, :])
+
+    return kernel
+
+
+def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                block_n: int | None = None, block_k: int | None = None,
+                num_warps: int = GEMV_NUM_WARPS) -> torch.Tensor:
+    """x (batch <= GEMV_MAX_BATCH, K) @ weight (N, K)^T + bias (N,) as one Triton kernel, fp32 accumulation.
+
+    weight's rows may be strided (a column slice) but each row must be contiguous. block_n / block_k override
+    `gemv_config`'s tiling (the micro-benchmark sweeps them). CUDA-graph capturable: one launch, no host sync.
+    """
+    batch, k = x.shape
+    n = weight.shape[0]
+    assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and weight.stride(-1) == 1
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    block_b, auto_n, auto_k = gemv_config(batch, k)
+    block_n, block_k = block_n or auto_n, block_k or auto_k
+    out = torch.empty(batch, n, device=x.device, dtype=x.dtype)
+    grid = (-(-n // block_n),)
+    _gemv_kernel()[grid](
+        x, weight, weight if bias is None else bias, out, batch, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return out
 
 

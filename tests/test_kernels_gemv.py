@@ -1,0 +1,89 @@
+"""The decode-step GEMV (`kernels.gemv_triton`) against its PyTorch twin under Triton's CPU interpreter,
+and the dispatch rule that decides where it runs.
+
+The interpreter must be on before anything imports triton.language (its standard functions, such as tl.sum,
+are built as compiled or interpreted kernels at import), and other tests import mamba-ssm's Triton modules:
+so the interpreted cases run in a child pytest process started with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from matmamba import kernels
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreted_cases' child process")
+
+
+def test_interpreted_cases() -> None:
+    if INTERPRETED:
+        pytest.skip("this is the child process")
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout
+
+
+@pytest.fixture
+def interpreter():
+    """A fresh kernel object, built for the interpreter (CPU tensors)."""
+    kernels._gemv_kernel.cache_clear()
+    yield
+    kernels._gemv_kernel.cache_clear()
+
+
+@interpreted
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 64), (37, 100), (300, 257), (129, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_triton_equals_torch(interpreter, n: int, k: int, batch: int, dtype: torch.dtype, tol: float,
+                                  bias: bool) -> None:
+    torch.manual_seed(n + k + batch)
+    x = torch.randn(batch, k).to(dtype)
+    weight = torch.randn(n, k).to(dtype) / k**0.5
+    b = torch.randn(n).to(dtype) if bias else None
+    out = kernels.gemv_triton(x, weight, b)
+    assert out.shape == (batch, n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), kernels.gemv_torch(x, weight, b).float(), atol=tol, rtol=tol)
+
+
+@interpreted
+@pytest.mark.parametrize("block_n,block_k", [(1, 64), (8, 128), (16, 512)])
+def test_gemv_triton_any_tiling_on_strided_operands(interpreter, block_n: int, block_k: int) -> None:
+    """A column slice of the weight (out_proj at a nested width) and a strided input row, under other tilings."""
+    torch.manual_seed(0)
+    full = torch.randn(50, 300)
+    weight = full[:, :200]  # rows of stride 300
+    x = torch.randn(3, 250)[:, 20:220]
+    out = kernels.gemv_triton(x, weight, None, block_n=block_n, block_k=block_k)
+    torch.testing.assert_close(out, kernels.gemv_torch(x, weight, None), atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_config_covers_k_in_few_steps_and_bounds_the_tile() -> None:
+    assert kernels.gemv_config(1, 768) == (1, kernels.GEMV_BLOCK_N, 1024)  # one step, tail masked
+    assert kernels.gemv_config(1, 4096) == (1, kernels.GEMV_BLOCK_N, 2048)  # 2048 divides K
+    assert kernels.gemv_config(1, 2560) == (1, kernels.GEMV_BLOCK_N, 1024)  # no half-empty 2048 step
+    for batch in (1, 3, 8):
+        for k in (192, 768, 2048, 2560, 5120):
+            block_b, block_n, block_k = kernels.gemv_config(batch, k)
+            assert block_b >= batch and block_b * block_n * block_k <= kernels.GEMV_TILE_ELEMS
+
+
+def test_decode_linear_uses_torch_on_cpu() -> None:
+    x, weight = torch.randn(1, 32), torch.randn(16, 32)
+    assert not kernels.use_triton_gemv(x, weight)
+    with kernels.decode_gemv("triton"):
+        assert not kernels.use_triton_gemv(x, weight)  # CPU tensors: the interpreter is for tests only
+        torch.testing.assert_close(kernels.decode_linear(x, weight, None), torch.nn.functional.linear(x, weight, None))
+    with pytest.raises(ValueError, match="decode_gemv mode"):
+        with kernels.decode_gemv("fast"):
+            pass

@@ -62,6 +62,22 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def replay_ms(replay, reps: int) -> float:
+    """Median milliseconds of ``replay()`` (a CUDA-graph replay, say) between two CUDA events, ``reps`` times,
+    each waited for: the latency of one call on an otherwise idle GPU, L2 left warm."""
+    import statistics
+
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        begin.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
 def measure_ceilings() -> dict[str, float]:
     """Measured device-to-device copy bandwidth (read + write bytes) and bf16 matmul rate, random data."""
     src = torch.randint(0, 255, (COPY_BYTES,), dtype=torch.uint8, device="cuda")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.block_bench import finish, start
+from bench.block_bench import finish, replay_ms, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import MatMambaLM
 from matmamba.cuda_graphs import capture
@@ -59,15 +58,7 @@ def graph_step_us(model: MatMambaLM, level: int) -> float:
     cache = model.allocate_cache(1, level)
     token = torch.zeros(1, dtype=torch.int64, device="cuda")
     graph, _ = capture(lambda: model.step(token, cache))  # as DecodeGraphs captures a step
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPLAYS):
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return replay_ms(graph.replay, REPLAYS) * 1e3
 
 
 @torch.inference_mode()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.block_bench import finish, start
+from bench.block_bench import finish, replay_ms, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import kernels
 from matmamba.nesting import nested_dims
@@ -52,15 +51,7 @@ def graph_us(op, weights: list[torch.Tensor], x: torch.Tensor) -> float:
         for w in weights:
             op(x, w)
     graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPLAYS):
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / len(weights))
-    return statistics.median(times)
+    return replay_ms(graph.replay, REPLAYS) * 1e3 / len(weights)
 
 
 def projections(d_model: int, level: int) -> dict[str, tuple[int, int]]:

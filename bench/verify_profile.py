@@ -1,6 +1,6 @@
 """Where a verification round's cloud time goes, against a cloud-only decode step (GPU, one process, no RPC).
 
-    python -m bench.verify_profile --out runs/verify_profile.json      # on the device: bash bench/gpu_suite.sh spec
+    python -m bench.verify_profile --out runs/verify_profile.json      # on the device: bash bench/gpu_suite.sh spec-profile
 
 The shipped LM checkpoint in a ``cloud.runner.ModelRunner`` on CUDA, warmed up as ``python -m cloud``
 warms it (decode graphs, verification graphs), at ``--precision fp32`` as bench/spec_bench.py runs it.
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.block_bench import environment, finish
+from bench.block_bench import environment, finish, replay_ms
 from cloud.runner import ModelRunner
 from cloud.speculative import Verifier
 from matmamba import load_model
@@ -45,19 +45,6 @@ REPS = 50  # timed rounds (or replays) per configuration
 TOKENS = 64  # tokens per timed cloud-only generation
 
 
-def gpu_ms(replay) -> float:
-    """Median GPU time of ``replay()`` by CUDA events, ms."""
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPS):
-        begin.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
-
-
 def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, float]:
     inputs = GenerateInputs(prompt, TOKENS, 0.0, 0, 1.0, None, runner.config.d_model, "profile")
     walls, tokens = [], []
@@ -67,7 +54,7 @@ def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, float]:
         walls.append((time.perf_counter() - start) * 1e3 / TOKENS)
     slot = runner._decode_graphs.acquire(runner.model.backbone.resolve_widths(), 1)
     try:
-        step = gpu_ms(slot.graph.replay)
+        step = replay_ms(slot.graph.replay, REPS)
     finally:
         runner._decode_graphs.release(slot)
     return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_step": step, "greedy": tokens[:TOKENS]}
@@ -95,7 +82,7 @@ def rounds(runner: ModelRunner, prompt: np.ndarray, k: int, drafts: np.ndarray, 
 
 def round_gpu_ms(runner: ModelRunner, k: int) -> float:
     slot = runner.round_graphs._slot(runner.model.backbone.resolve_widths(), 1, k + 1)
-    return gpu_ms(slot.graph.replay)
+    return replay_ms(slot.graph.replay, REPS)
 
 
 @torch.inference_mode()
@@ -146,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
-        parser.error("needs CUDA: run it on the device (bash bench/gpu_suite.sh spec)")
+        parser.error("needs CUDA: run it on the device (bash bench/gpu_suite.sh spec-profile)")
     return finish(run(args), args.out, table)
 
 

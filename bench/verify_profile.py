@@ -1,6 +1,6 @@
 """Where a verification round's cloud time goes, against a cloud-only decode step (GPU, one process, no RPC).
 
-    python -m bench.verify_profile --out runs/verify_profile.json      # on the device: bash bench/gpu_suite.sh spec-profile
+    python -m bench.verify_profile --out runs/verify_profile.json   # on the device: gpu_suite.sh spec-profile
 
 The shipped LM checkpoint in a ``cloud.runner.ModelRunner`` on CUDA, warmed up as ``python -m cloud``
 warms it (decode graphs, verification graphs), at ``--precision fp32`` as bench/spec_bench.py runs it.

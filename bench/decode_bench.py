@@ -45,8 +45,9 @@ VOCAB = 50280
 HEADDIM, D_STATE = 64, 128
 DTYPE = torch.bfloat16
 # At batch 1 the graph decode is also timed with the step's projections forced onto each kernel
-# (matmamba.kernels.decode_gemv), so the default rule ("auto") is compared with both in the same run.
-GEMV_MODES = ("cublas", "triton")
+# (matmamba.kernels.decode_gemv), so the default rule ("auto") is compared with both in the same run, and with
+# "fused" (auto plus the gated RMSNorm inside the out_proj GEMV), a candidate for the default.
+GEMV_MODES = ("cublas", "triton", "fused")
 
 
 def lm_config(d_model: int, n_layer: int) -> MatMambaLMConfig:
@@ -164,8 +165,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"decode bench on {env['device']} (torch {env['torch']}, mamba-ssm {env['mamba_ssm']}, causal-conv1d "
              f"{env['causal_conv1d']}), bf16, greedy, prompt {PROMPT_LEN}, medians of {REPS}",
              "| model | batch | level | graph tok/s | vs level 1 | mamba-ssm cg tok/s | graph / mamba-ssm "
-             "| eager tok/s | % of floor | graph, cuBLAS GEMV | graph, Triton GEMV |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| eager tok/s | % of floor | graph, cuBLAS GEMV | graph, Triton GEMV | graph, fused gated norm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in result["sizes"]:
         name = f"d{size['d_model']} x {size['n_layer']}"
         for r in size["rows"]:

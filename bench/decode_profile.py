@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--sizes", default="2048x48", help="d_model x n_layer, comma-separated (default %(default)s)")
     p.add_argument("--gemv-modes", default="auto",
-                   help="decode projections' kernel, comma-separated: auto, cublas, triton (default %(default)s)")
+                   help="decode projections' kernel, comma-separated: auto, cublas, triton, fused "
+                        "(default %(default)s)")
     args = p.parse_args(argv)
     result = start(p, "decode_profile")
     modes = args.gemv_modes.split(",")

@@ -295,6 +295,8 @@ class MatMamba2(nn.Module):
             state.ssm, x.unflatten(-1, (d.nheads, d.headdim)), dt, s.A,
             B.unflatten(-1, (d.ngroups, d.d_state)), C.unflatten(-1, (d.ngroups, d.d_state)), s.D, s.dt_bias,
         )
-        y = kernels.gated_rmsnorm(y.flatten(-2), z, s.norm_w, self.config.norm_eps, d.ngroups,
-                                  self.config.norm_before_gate)
+        y = y.flatten(-2)
+        if kernels.use_gated_gemv(y, z, s.out_proj_w, d.ngroups, self.config.norm_before_gate):
+            return kernels.gated_gemv_triton(y, z, s.norm_w, self.config.norm_eps, s.out_proj_w, s.out_proj_b)
+        y = kernels.gated_rmsnorm(y, z, s.norm_w, self.config.norm_eps, d.ngroups, self.config.norm_before_gate)
         return kernels.decode_linear(y, s.out_proj_w, s.out_proj_b)

@@ -213,14 +213,20 @@ GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _gemv_mode = "auto"
 
 
+GEMV_MODES = ("auto", "cublas", "triton", "fused")
+
+
 @contextlib.contextmanager
 def decode_gemv(mode: str):
     """Force the decode projections' kernel while the block is active: "auto" (the size rule of
-    `use_triton_gemv`), "cublas" (always F.linear) or "triton" (the Triton GEMV wherever it can run).
-    For benchmarks and tests; a CUDA graph keeps the choice made when it was captured."""
+    `use_triton_gemv`), "cublas" (always F.linear), "triton" (the Triton GEMV wherever it can run) or
+    "fused" (auto's rule, and where out_proj runs on the Triton GEMV the gated RMSNorm before it runs
+    inside it, `gated_gemv_triton`: one launch fewer per layer; not the default until a GPU run of
+    bench/decode_profile.py shows it faster). For benchmarks and tests; a CUDA graph keeps the choice made
+    when it was captured."""
     global _gemv_mode
-    if mode not in ("auto", "cublas", "triton"):
-        raise ValueError(f"decode_gemv mode must be 'auto', 'cublas' or 'triton', got {mode!r}")
+    if mode not in GEMV_MODES:
+        raise ValueError(f"decode_gemv mode must be one of {', '.join(map(repr, GEMV_MODES))}, got {mode!r}")
     previous, _gemv_mode = _gemv_mode, mode
     try:
         yield
@@ -319,6 +325,82 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _gemv_kernel()[grid](
         x, weight, weight if bias is None else bias, out, batch, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out
+
+
+def use_gated_gemv(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ngroups: int,
+                   norm_before_gate: bool) -> bool:
+    """Whether a decode step's gated RMSNorm and out_proj run as one `gated_gemv_triton` ("fused" mode only):
+    one norm group, the gate applied before the norm, and operands the Triton GEMV takes."""
+    return (_gemv_mode == "fused" and ngroups == 1 and not norm_before_gate and z.dtype == y.dtype
+            and z.stride(-1) == 1 and use_triton_gemv(y, weight))
+
+
+def gated_gemv_torch(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch twin of `gated_gemv_triton`: `gated_rmsnorm` (one group, gate before the norm), then `gemv_torch`."""
+    return gemv_torch(gated_rmsnorm(y, z, norm_weight, eps, 1, False), weight, bias)
+
+
+@functools.cache
+def _gated_gemv_kernel():
+    """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(y * silu(z)) * norm_weight rounded to y's dtype,
+    as the unfused gated RMSNorm stores it. Each program first reads the sequences' y and z rows to get their
+    mean squares (d_inner values, a few KB from L2 per program), then runs `_gemv_kernel`'s loop on h."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["batch", "n", "o_b"])
+    def kernel(y_ptr, z_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, batch, n, k, y_b, z_b, w_n, o_b, eps,
+               HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        seqs = tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, BLOCK_K)
+        row_mask = rows < n
+        seq_mask = seqs < batch
+        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):  # 1. the gated rows' mean squares
+            mask = seq_mask[:, None] & (k0 + cols < k)[None, :]
+            y = tl.load(y_ptr + seqs[:, None] * y_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + seqs[:, None] * z_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = y * z * tl.sigmoid(z)
+            squares += g * g
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
+        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):  # 2. the GEMV on the normed rows
+            col_mask = k0 + cols < k
+            mask = seq_mask[:, None] & col_mask[None, :]
+            y = tl.load(y_ptr + seqs[:, None] * y_b + (k0 + cols)[None, :], mask=mask, other=0.0)
+            z = tl.load(z_ptr + seqs[:, None] * z_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+            h = y.to(tl.float32) * z * tl.sigmoid(z) * rstd[:, None] * nw[None, :]
+            h = h.to(y.dtype).to(tl.float32)  # (BLOCK_B, BLOCK_K), rounded as the unfused norm's output
+            w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
+        out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=seq_mask[:, None] & row_mask[None, :])
+
+    return kernel
+
+
+def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """`gated_gemv_torch` as one Triton kernel: y, z (batch <= GEMV_MAX_BATCH, K), rows contiguous; norm_weight
+    (K,); weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph capturable."""
+    batch, k = y.shape
+    n = weight.shape[0]
+    assert batch <= GEMV_MAX_BATCH and z.shape == y.shape and weight.shape[1] == k and norm_weight.shape == (k,)
+    assert y.stride(-1) == 1 and z.stride(-1) == 1 and weight.stride(-1) == 1
+    block_b, block_n, block_k = gemv_config(batch, k)
+    out = torch.empty(batch, n, device=y.device, dtype=y.dtype)
+    _gated_gemv_kernel()[(-(-n // block_n),)](
+        y, z, norm_weight, weight, weight if bias is None else bias, out, batch, n, k, y.stride(0), z.stride(0),
+        weight.stride(0), out.stride(0), eps, HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
     return out
 
 

@@ -67,3 +67,31 @@ def test_graph_greedy_with_triton_gemv_equals_cublas_eager(level: int) -> None:
     with kernels.decode_gemv("triton"):
         graphs = DecodeGraphs(model)
         assert torch.equal(graphs.generate(prompt, 40, mrl_level=level, temperature=0), eager)
+
+
+@pytest.mark.parametrize("level", [1, 8])
+@torch.inference_mode()
+def test_step_with_the_fused_gated_norm_equals_the_unfused_step(level: int) -> None:
+    model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA, torch.bfloat16)
+    token = torch.tensor([5, 17], device=CUDA)
+    logits = {}
+    for mode in ("auto", "fused"):
+        cache = model.allocate_cache(2, level)
+        with kernels.decode_gemv(mode):
+            logits[mode] = torch.stack([model.step(token, cache) for _ in range(4)]).float()
+    torch.testing.assert_close(logits["fused"], logits["auto"], atol=5e-2, rtol=5e-2)
+    y = torch.randn(1, 256, device=CUDA, dtype=torch.bfloat16)
+    with kernels.decode_gemv("fused"):
+        assert kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 1, False)
+        assert not kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 2, False)
+
+
+@pytest.mark.parametrize("level", [1, 8])
+def test_graph_greedy_with_the_fused_gated_norm_equals_cublas_eager(level: int) -> None:
+    model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA)
+    prompt = torch.randint(0, 97, (1, 7), device=CUDA)
+    with kernels.decode_gemv("cublas"):
+        eager = model.generate(prompt, 40, mrl_level=level, temperature=0)
+    with kernels.decode_gemv("fused"):
+        graphs = DecodeGraphs(model)
+        assert torch.equal(graphs.generate(prompt, 40, mrl_level=level, temperature=0), eager)

@@ -34,10 +34,12 @@ def test_interpreted_cases() -> None:
 
 @pytest.fixture
 def interpreter():
-    """A fresh kernel object, built for the interpreter (CPU tensors)."""
+    """Fresh kernel objects, built for the interpreter (CPU tensors)."""
     kernels._gemv_kernel.cache_clear()
+    kernels._gated_gemv_kernel.cache_clear()
     yield
     kernels._gemv_kernel.cache_clear()
+    kernels._gated_gemv_kernel.cache_clear()
 
 
 @interpreted
@@ -68,6 +70,29 @@ def test_gemv_triton_any_tiling_on_strided_operands(interpreter, block_n: int, b
     torch.testing.assert_close(out, kernels.gemv_torch(x, weight, None), atol=1e-5, rtol=1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n,k", [(37, 100), (256, 512), (64, 2560)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_gemv_triton_equals_norm_then_gemv(interpreter, n: int, k: int, batch: int, dtype: torch.dtype,
+                                                 tol: float, bias: bool) -> None:
+    """The fused gated RMSNorm + out_proj against the gated norm followed by the GEMV; z a strided column slice
+    of the projection's output, as in a decode step; K = 2560 walks K in several steps."""
+    torch.manual_seed(n + k + batch)
+    y = torch.randn(batch, k).to(dtype)
+    z = torch.randn(batch, 2 * k + 8)[:, 3:3 + k].to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k)).to(dtype)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    out = kernels.gated_gemv_triton(y, z, norm_weight, 1e-5, weight, b)
+    assert out.shape == (batch, n) and out.dtype == dtype
+    expected = kernels.gated_gemv_torch(y, z, norm_weight, 1e-5, weight, b)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    ungated = kernels.gemv_torch(kernels.gated_rmsnorm(y, torch.zeros_like(y), norm_weight, 1e-5, 1, False), weight, b)
+    assert not torch.allclose(out.float(), ungated.float(), atol=tol, rtol=tol)  # the gate is applied
+
+
 def test_gemv_config_covers_k_in_few_steps_and_bounds_the_tile() -> None:
     assert kernels.gemv_config(1, 768) == (1, kernels.GEMV_BLOCK_N, 1024)  # one step, tail masked
     assert kernels.gemv_config(1, 4096) == (1, kernels.GEMV_BLOCK_N, 2048)  # 2048 divides K
@@ -84,6 +109,8 @@ def test_decode_linear_uses_torch_on_cpu() -> None:
     with kernels.decode_gemv("triton"):
         assert not kernels.use_triton_gemv(x, weight)  # CPU tensors: the interpreter is for tests only
         torch.testing.assert_close(kernels.decode_linear(x, weight, None), torch.nn.functional.linear(x, weight, None))
+    with kernels.decode_gemv("fused"):  # the fused norm is a CUDA path too
+        assert not kernels.use_gated_gemv(x, x, weight, 1, False)
     with pytest.raises(ValueError, match="decode_gemv mode"):
         with kernels.decode_gemv("fast"):
             pass

@@ -46,7 +46,7 @@ HEADDIM, D_STATE = 64, 128
 DTYPE = torch.bfloat16
 # At batch 1 the graph decode is also timed with the step's projections forced onto each kernel
 # (matmamba.kernels.decode_gemv), so the default rule ("auto") is compared with both in the same run, and with
-# "fused" (auto plus the gated RMSNorm inside the out_proj GEMV), a candidate for the default.
+# "fused" (auto plus the norms inside the projections' GEMVs), a candidate for the default.
 GEMV_MODES = ("cublas", "triton", "fused")
 
 
@@ -165,7 +165,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"decode bench on {env['device']} (torch {env['torch']}, mamba-ssm {env['mamba_ssm']}, causal-conv1d "
              f"{env['causal_conv1d']}), bf16, greedy, prompt {PROMPT_LEN}, medians of {REPS}",
              "| model | batch | level | graph tok/s | vs level 1 | mamba-ssm cg tok/s | graph / mamba-ssm "
-             "| eager tok/s | % of floor | graph, cuBLAS GEMV | graph, Triton GEMV | graph, fused gated norm |",
+             "| eager tok/s | % of floor | graph, cuBLAS GEMV | graph, Triton GEMV | graph, fused norms |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in result["sizes"]:
         name = f"d{size['d_model']} x {size['n_layer']}"

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import kernels
 from .block import BlockState, MatMamba2
 from .config import ModelConfig
 from .nesting import parse_widths
@@ -110,8 +109,7 @@ class NestedStack(nn.Module):
         layer, as ``forward`` computes it, with each residual add fused into the next layer's norm."""
         residual = None
         for layer, state in zip(self.layers, cache.states):
-            normed, residual = kernels.add_rmsnorm(h, residual, layer.norm, self.config.residual_in_fp32)
-            h = layer.mixer.step(normed, state)
+            h, residual = layer.mixer.step_prenorm(h, residual, layer.norm, self.config.residual_in_fp32, state)
         cache.seqlen += 1
         return residual + h.to(residual.dtype)
 

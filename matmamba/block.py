@@ -284,10 +284,29 @@ class MatMamba2(nn.Module):
 
     def step(self, u: torch.Tensor, state: BlockState) -> torch.Tensor:
         """One token: u (batch, d_model) -> (batch, d_model); updates `state` in place."""
-        state.trace = None
         s = self.slices(state.width)
+        return self._step(kernels.decode_linear(u, s.in_proj_w, s.in_proj_b), s, state)
+
+    def step_prenorm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.RMSNorm, residual_in_fp32: bool,
+                     state: BlockState) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm residual block's decode step: ``step(norm(residual + h))`` (residual None: the first block).
+
+        Returns (this mixer's output, residual + h). Where ``kernels.use_add_rmsnorm_gemv`` allows it, the add,
+        the norm and in_proj are one kernel; otherwise `kernels.add_rmsnorm`, then `step`'s projection.
+        """
+        s = self.slices(state.width)
+        if kernels.use_add_rmsnorm_gemv(h, residual, s.in_proj_w):
+            zxbcdt, residual = kernels.add_rmsnorm_gemv_triton(h, residual, norm.weight, norm.eps, residual_in_fp32,
+                                                              s.in_proj_w, s.in_proj_b)
+        else:
+            normed, residual = kernels.add_rmsnorm(h, residual, norm, residual_in_fp32)
+            zxbcdt = kernels.decode_linear(normed, s.in_proj_w, s.in_proj_b)
+        return self._step(zxbcdt, s, state), residual
+
+    def _step(self, zxbcdt: torch.Tensor, s: BlockSlices, state: BlockState) -> torch.Tensor:
+        """The rest of a decode step after in_proj: zxbcdt (batch, 2*di + d_bc + h) -> (batch, d_model)."""
+        state.trace = None
         d = s.dims
-        zxbcdt = kernels.decode_linear(u, s.in_proj_w, s.in_proj_b)  # (B, 2*di + d_bc + h)
         z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
         xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
         x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)

@@ -220,8 +220,9 @@ GEMV_MODES = ("auto", "cublas", "triton", "fused")
 def decode_gemv(mode: str):
     """Force the decode projections' kernel while the block is active: "auto" (the size rule of
     `use_triton_gemv`), "cublas" (always F.linear), "triton" (the Triton GEMV wherever it can run) or
-    "fused" (auto's rule, and where out_proj runs on the Triton GEMV the gated RMSNorm before it runs
-    inside it, `gated_gemv_triton`: one launch fewer per layer; not the default until a GPU run of
+    "fused" (auto's rule, and where a projection runs on the Triton GEMV the norm before it runs inside it:
+    the residual add + RMSNorm in in_proj, `add_rmsnorm_gemv_triton`, and the gated RMSNorm in out_proj,
+    `gated_gemv_triton`; up to two launches fewer per layer; not the default until a GPU run of
     bench/decode_profile.py shows it faster). For benchmarks and tests; a CUDA graph keeps the choice made
     when it was captured."""
     global _gemv_mode
@@ -402,6 +403,96 @@ def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tenso
         weight.stride(0), out.stride(0), eps, HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
     return out
+
+
+def use_add_rmsnorm_gemv(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether a decode step's residual add + RMSNorm and in_proj run as one `add_rmsnorm_gemv_triton`
+    ("fused" mode only, where in_proj runs on the Triton GEMV)."""
+    if residual is not None and (residual.device != x.device or residual.dim() != 2 or residual.stride(-1) != 1):
+        return False
+    return _gemv_mode == "fused" and use_triton_gemv(x, weight)
+
+
+def add_rmsnorm_gemv_torch(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                           residual_in_fp32: bool, weight: torch.Tensor,
+                           bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of `add_rmsnorm_gemv_triton`, with mamba-ssm's add + RMSNorm arithmetic (the CUDA path of
+    `add_rmsnorm`): r = residual + x in fp32, the norm of r in fp32 rounded to x's dtype, then `gemv_torch`.
+    Returns (the projection, r in fp32 when ``residual_in_fp32`` else in x's dtype)."""
+    r = x.float() if residual is None else residual.float() + x.float()
+    normed = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+    return gemv_torch(normed, weight, bias), r if residual_in_fp32 else r.to(x.dtype)
+
+
+@functools.cache
+def _add_rmsnorm_gemv_kernel():
+    """out = rmsnorm(residual + x) * norm_weight (rounded to x's dtype) @ w^T (+ bias), and program 0 stores
+    residual + x: each program first reads the sequences' rows (d_model values, a few KB from L2 per program)
+    for their mean squares, then runs `_gemv_kernel`'s loop on the normed rows."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["batch", "n", "o_b"])
+    def kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, r_out_ptr, batch, n, k, x_b, r_b, w_n, o_b, ro_b, eps,
+               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        seqs = tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, BLOCK_K)
+        row_mask = rows < n
+        seq_mask = seqs < batch
+        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):  # 1. residual + x, its mean squares; program 0 stores it
+            mask = seq_mask[:, None] & (k0 + cols < k)[None, :]
+            r = tl.load(x_ptr + seqs[:, None] * x_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r += tl.load(r_ptr + seqs[:, None] * r_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            squares += r * r
+            if tl.program_id(0) == 0:
+                tl.store(r_out_ptr + seqs[:, None] * ro_b + (k0 + cols)[None, :], r.to(r_out_ptr.dtype.element_ty),
+                         mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
+        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):  # 2. the GEMV on the normed rows
+            col_mask = k0 + cols < k
+            mask = seq_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_ptr + seqs[:, None] * x_b + (k0 + cols)[None, :], mask=mask, other=0.0)
+            r = x.to(tl.float32)
+            if HAS_RESIDUAL:
+                r += tl.load(r_ptr + seqs[:, None] * r_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+            h = (r * rstd[:, None] * nw[None, :]).to(x.dtype).to(tl.float32)  # rounded as the unfused norm's output
+            w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
+        out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=seq_mask[:, None] & row_mask[None, :])
+
+    return kernel
+
+
+def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                            residual_in_fp32: bool, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K) and residual (or None, the
+    first layer) with contiguous rows; weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph
+    capturable. Returns (the projection (batch, N) in x's dtype, the new residual (batch, K))."""
+    batch, k = x.shape
+    n = weight.shape[0]
+    assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and norm_weight.shape == (k,)
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and (residual is None or residual.shape == x.shape)
+    block_b, block_n, block_k = gemv_config(batch, k)
+    out = torch.empty(batch, n, device=x.device, dtype=x.dtype)
+    residual_out = torch.empty(batch, k, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
+    _add_rmsnorm_gemv_kernel()[(-(-n // block_n),)](
+        x, x if residual is None else residual, norm_weight, weight, weight if bias is None else bias, out,
+        residual_out, batch, n, k, x.stride(0), 0 if residual is None else residual.stride(0), weight.stride(0),
+        out.stride(0), residual_out.stride(0), eps, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
+    return out, residual_out
 
 
 # ---------------------------------------------------------------- SSD scan

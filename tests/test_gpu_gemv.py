@@ -71,7 +71,8 @@ def test_graph_greedy_with_triton_gemv_equals_cublas_eager(level: int) -> None:
 
 @pytest.mark.parametrize("level", [1, 8])
 @torch.inference_mode()
-def test_step_with_the_fused_gated_norm_equals_the_unfused_step(level: int) -> None:
+def test_step_with_the_fused_norms_equals_the_unfused_step(level: int) -> None:
+    """decode_gemv("fused"): the add + RMSNorm inside in_proj and the gated RMSNorm inside out_proj."""
     model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA, torch.bfloat16)
     token = torch.tensor([5, 17], device=CUDA)
     logits = {}
@@ -84,10 +85,12 @@ def test_step_with_the_fused_gated_norm_equals_the_unfused_step(level: int) -> N
     with kernels.decode_gemv("fused"):
         assert kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 1, False)
         assert not kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 2, False)
+        assert kernels.use_add_rmsnorm_gemv(y, None, torch.randn(640, 256, device=CUDA, dtype=torch.bfloat16))
+        assert kernels.use_add_rmsnorm_gemv(y, y.float(), torch.randn(640, 256, device=CUDA, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("level", [1, 8])
-def test_graph_greedy_with_the_fused_gated_norm_equals_cublas_eager(level: int) -> None:
+def test_graph_greedy_with_the_fused_norms_equals_cublas_eager(level: int) -> None:
     model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA)
     prompt = torch.randint(0, 97, (1, 7), device=CUDA)
     with kernels.decode_gemv("cublas"):

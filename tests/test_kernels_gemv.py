@@ -18,6 +18,8 @@ import torch
 
 from matmamba import kernels
 
+from .conftest import small_lm
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreted_cases' child process")
 
@@ -35,11 +37,12 @@ def test_interpreted_cases() -> None:
 @pytest.fixture
 def interpreter():
     """Fresh kernel objects, built for the interpreter (CPU tensors)."""
-    kernels._gemv_kernel.cache_clear()
-    kernels._gated_gemv_kernel.cache_clear()
+    factories = (kernels._gemv_kernel, kernels._gated_gemv_kernel, kernels._add_rmsnorm_gemv_kernel)
+    for factory in factories:
+        factory.cache_clear()
     yield
-    kernels._gemv_kernel.cache_clear()
-    kernels._gated_gemv_kernel.cache_clear()
+    for factory in factories:
+        factory.cache_clear()
 
 
 @interpreted
@@ -93,6 +96,49 @@ def test_gated_gemv_triton_equals_norm_then_gemv(interpreter, n: int, k: int, ba
     assert not torch.allclose(out.float(), ungated.float(), atol=tol, rtol=tol)  # the gate is applied
 
 
+@interpreted
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n,k", [(37, 100), (300, 2560)])
+@pytest.mark.parametrize("first,residual_in_fp32", [(True, True), (False, True), (False, False)])
+def test_add_rmsnorm_gemv_triton_equals_add_norm_then_gemv(interpreter, n: int, k: int, batch: int,
+                                                           dtype: torch.dtype, tol: float, first: bool,
+                                                           residual_in_fp32: bool) -> None:
+    """The fused residual add + RMSNorm + in_proj against its twin: the projection and the new residual stream,
+    for the first layer (no residual yet) and later ones; K = 2560 walks K in several steps."""
+    torch.manual_seed(n + k + batch)
+    x = torch.randn(batch, k).to(dtype)
+    residual = None if first else torch.randn(batch, k).to(torch.float32 if residual_in_fp32 else dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k)).to(dtype)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    out, res = kernels.add_rmsnorm_gemv_triton(x, residual, norm_weight, 1e-5, residual_in_fp32, weight, None)
+    ref_out, ref_res = kernels.add_rmsnorm_gemv_torch(x, residual, norm_weight, 1e-5, residual_in_fp32, weight, None)
+    assert out.dtype == dtype and res.dtype == (torch.float32 if residual_in_fp32 else dtype)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(res, ref_res, atol=tol, rtol=tol)
+    if not first:  # the residual is added before the norm
+        alone, _ = kernels.add_rmsnorm_gemv_torch(x, None, norm_weight, 1e-5, residual_in_fp32, weight, None)
+        assert not torch.allclose(out.float(), alone.float(), atol=tol, rtol=tol)
+
+
+@interpreted
+@pytest.mark.parametrize("level", [1, 4])
+@torch.inference_mode()
+def test_fused_decode_step_equals_the_unfused_step(interpreter, monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+    """decode_gemv("fused") through a model's steps (the residual stream carried across layers, the first layer
+    without one), on CPU tensors: the Triton GEMV's gate is opened for them, so both modes run interpreted kernels
+    and differ only in the two fusions."""
+    monkeypatch.setattr(kernels, "use_triton_gemv", lambda x, weight: x.dim() == 2 and x.shape[0] <= 8)
+    model = small_lm(seed=3, n_layer=3, d_model=64, headdim=8, d_state=16)
+    tokens = torch.tensor([[5, 17], [3, 3], [40, 1]])
+    logits = {}
+    for mode in ("auto", "fused"):
+        cache = model.allocate_cache(2, level)
+        with kernels.decode_gemv(mode):
+            logits[mode] = torch.stack([model.step(t, cache) for t in tokens])
+    torch.testing.assert_close(logits["fused"], logits["auto"], atol=1e-4, rtol=1e-4)
+
+
 def test_gemv_config_covers_k_in_few_steps_and_bounds_the_tile() -> None:
     assert kernels.gemv_config(1, 768) == (1, kernels.GEMV_BLOCK_N, 1024)  # one step, tail masked
     assert kernels.gemv_config(1, 4096) == (1, kernels.GEMV_BLOCK_N, 2048)  # 2048 divides K
@@ -111,6 +157,7 @@ def test_decode_linear_uses_torch_on_cpu() -> None:
         torch.testing.assert_close(kernels.decode_linear(x, weight, None), torch.nn.functional.linear(x, weight, None))
     with kernels.decode_gemv("fused"):  # the fused norm is a CUDA path too
         assert not kernels.use_gated_gemv(x, x, weight, 1, False)
+        assert not kernels.use_add_rmsnorm_gemv(x, None, weight)
     with pytest.raises(ValueError, match="decode_gemv mode"):
         with kernels.decode_gemv("fast"):
             pass

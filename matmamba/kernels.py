@@ -337,80 +337,18 @@ def use_gated_gemv(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ngrou
             and z.stride(-1) == 1 and use_triton_gemv(y, weight))
 
 
-def gated_gemv_torch(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """PyTorch twin of `gated_gemv_triton`: `gated_rmsnorm` (one group, gate before the norm), then `gemv_torch`."""
-    return gemv_torch(gated_rmsnorm(y, z, norm_weight, eps, 1, False), weight, bias)
-
-
-@functools.cache
-def _gated_gemv_kernel():
-    """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(y * silu(z)) * norm_weight rounded to y's dtype,
-    as the unfused gated RMSNorm stores it. Each program first reads the sequences' y and z rows to get their
-    mean squares (d_inner values, a few KB from L2 per program), then runs `_gemv_kernel`'s loop on h."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["batch", "n", "o_b"])
-    def kernel(y_ptr, z_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, batch, n, k, y_b, z_b, w_n, o_b, eps,
-               HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        seqs = tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_K)
-        row_mask = rows < n
-        seq_mask = seqs < batch
-        squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):  # 1. the gated rows' mean squares
-            mask = seq_mask[:, None] & (k0 + cols < k)[None, :]
-            y = tl.load(y_ptr + seqs[:, None] * y_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + seqs[:, None] * z_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            g = y * z * tl.sigmoid(z)
-            squares += g * g
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
-        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):  # 2. the GEMV on the normed rows
-            col_mask = k0 + cols < k
-            mask = seq_mask[:, None] & col_mask[None, :]
-            y = tl.load(y_ptr + seqs[:, None] * y_b + (k0 + cols)[None, :], mask=mask, other=0.0)
-            z = tl.load(z_ptr + seqs[:, None] * z_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
-            h = y.to(tl.float32) * z * tl.sigmoid(z) * rstd[:, None] * nw[None, :]
-            h = h.to(y.dtype).to(tl.float32)  # (BLOCK_B, BLOCK_K), rounded as the unfused norm's output
-            w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-            acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
-        out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=seq_mask[:, None] & row_mask[None, :])
-
-    return kernel
-
-
-def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    """`gated_gemv_torch` as one Triton kernel: y, z (batch <= GEMV_MAX_BATCH, K), rows contiguous; norm_weight
-    (K,); weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph capturable."""
-    batch, k = y.shape
-    n = weight.shape[0]
-    assert batch <= GEMV_MAX_BATCH and z.shape == y.shape and weight.shape[1] == k and norm_weight.shape == (k,)
-    assert y.stride(-1) == 1 and z.stride(-1) == 1 and weight.stride(-1) == 1
-    block_b, block_n, block_k = gemv_config(batch, k)
-    out = torch.empty(batch, n, device=y.device, dtype=y.dtype)
-    _gated_gemv_kernel()[(-(-n // block_n),)](
-        y, z, norm_weight, weight, weight if bias is None else bias, out, batch, n, k, y.stride(0), z.stride(0),
-        weight.stride(0), out.stride(0), eps, HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
-    return out
-
-
 def use_add_rmsnorm_gemv(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """Whether a decode step's residual add + RMSNorm and in_proj run as one `add_rmsnorm_gemv_triton`
     ("fused" mode only, where in_proj runs on the Triton GEMV)."""
     if residual is not None and (residual.device != x.device or residual.dim() != 2 or residual.stride(-1) != 1):
         return False
     return _gemv_mode == "fused" and use_triton_gemv(x, weight)
+
+
+def gated_gemv_torch(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch twin of `gated_gemv_triton`: `gated_rmsnorm` (one group, gate before the norm), then `gemv_torch`."""
+    return gemv_torch(gated_rmsnorm(y, z, norm_weight, eps, 1, False), weight, bias)
 
 
 def add_rmsnorm_gemv_torch(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -425,53 +363,87 @@ def add_rmsnorm_gemv_torch(x: torch.Tensor, residual: torch.Tensor | None, norm_
 
 
 @functools.cache
-def _add_rmsnorm_gemv_kernel():
-    """out = rmsnorm(residual + x) * norm_weight (rounded to x's dtype) @ w^T (+ bias), and program 0 stores
-    residual + x: each program first reads the sequences' rows (d_model values, a few KB from L2 per program)
-    for their mean squares, then runs `_gemv_kernel`'s loop on the normed rows."""
+def _normed_gemv_kernel():
+    """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(v) * norm_weight rounded to a's dtype, as the
+    unfused norm stores it, where v is a * silu(b) (GATED: the gated norm before out_proj; b required) or a + b
+    (the residual add before in_proj; b optional; program 0 also stores v). Each program first reads the
+    sequences' rows for their mean squares (K values, a few KB from L2 per program), then runs `_gemv_kernel`'s
+    loop on h."""
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["batch", "n", "o_b"])
-    def kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, r_out_ptr, batch, n, k, x_b, r_b, w_n, o_b, ro_b, eps,
-               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+    def kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, v_out_ptr, batch, n, k, a_b, b_b, w_n, o_b, vo_b, eps,
+               GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         seqs = tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_K)
         row_mask = rows < n
         seq_mask = seqs < batch
         squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):  # 1. residual + x, its mean squares; program 0 stores it
+        for k0 in range(0, k, BLOCK_K):  # 1. the normed input's mean squares (program 0 stores a + b)
             mask = seq_mask[:, None] & (k0 + cols < k)[None, :]
-            r = tl.load(x_ptr + seqs[:, None] * x_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r += tl.load(r_ptr + seqs[:, None] * r_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            squares += r * r
-            if tl.program_id(0) == 0:
-                tl.store(r_out_ptr + seqs[:, None] * ro_b + (k0 + cols)[None, :], r.to(r_out_ptr.dtype.element_ty),
-                         mask=mask)
+            v = tl.load(a_ptr + seqs[:, None] * a_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                b = tl.load(b_ptr + seqs[:, None] * b_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+                if GATED:
+                    v = v * b * tl.sigmoid(b)
+                else:
+                    v = v + b
+            squares += v * v
+            if not GATED:
+                if tl.program_id(0) == 0:
+                    tl.store(v_out_ptr + seqs[:, None] * vo_b + (k0 + cols)[None, :],
+                             v.to(v_out_ptr.dtype.element_ty), mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
         acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):  # 2. the GEMV on the normed rows
             col_mask = k0 + cols < k
             mask = seq_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_ptr + seqs[:, None] * x_b + (k0 + cols)[None, :], mask=mask, other=0.0)
-            r = x.to(tl.float32)
-            if HAS_RESIDUAL:
-                r += tl.load(r_ptr + seqs[:, None] * r_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(a_ptr + seqs[:, None] * a_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:  # the same input as in pass 1, read again (from L2) rather than held for all of K
+                b = tl.load(b_ptr + seqs[:, None] * b_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+                if GATED:
+                    v = v * b * tl.sigmoid(b)
+                else:
+                    v = v + b
             nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
-            h = (r * rstd[:, None] * nw[None, :]).to(x.dtype).to(tl.float32)  # rounded as the unfused norm's output
+            h = (v * rstd[:, None] * nw[None, :]).to(a_ptr.dtype.element_ty).to(tl.float32)  # as the norm stores it
             w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
             acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
         out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
         if HAS_BIAS:
-            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=seq_mask[:, None] & row_mask[None, :])
 
     return kernel
+
+
+def _normed_gemv(a: torch.Tensor, b: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                 bias: torch.Tensor | None, gated: bool, v_out: torch.Tensor | None) -> torch.Tensor:
+    batch, k = a.shape
+    n = weight.shape[0]
+    assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and norm_weight.shape == (k,)
+    assert a.stride(-1) == 1 and weight.stride(-1) == 1 and (b is None or (b.shape == a.shape and b.stride(-1) == 1))
+    block_b, block_n, block_k = gemv_config(batch, k)
+    out = torch.empty(batch, n, device=a.device, dtype=a.dtype)
+    _normed_gemv_kernel()[(-(-n // block_n),)](
+        a, a if b is None else b, norm_weight, weight, weight if bias is None else bias, out,
+        out if v_out is None else v_out, batch, n, k, a.stride(0), 0 if b is None else b.stride(0), weight.stride(0),
+        out.stride(0),
+        0 if v_out is None else v_out.stride(0), eps, GATED=gated, HAS_B=b is not None, HAS_BIAS=bias is not None,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
+    return out
+
+
+def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """`gated_gemv_torch` as one Triton kernel: y, z (batch <= GEMV_MAX_BATCH, K) with contiguous rows;
+    norm_weight (K,); weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph capturable."""
+    return _normed_gemv(y, z, norm_weight, eps, weight, bias, True, None)
 
 
 def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -480,19 +452,8 @@ def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm
     """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K) and residual (or None, the
     first layer) with contiguous rows; weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph
     capturable. Returns (the projection (batch, N) in x's dtype, the new residual (batch, K))."""
-    batch, k = x.shape
-    n = weight.shape[0]
-    assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and norm_weight.shape == (k,)
-    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and (residual is None or residual.shape == x.shape)
-    block_b, block_n, block_k = gemv_config(batch, k)
-    out = torch.empty(batch, n, device=x.device, dtype=x.dtype)
-    residual_out = torch.empty(batch, k, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
-    _add_rmsnorm_gemv_kernel()[(-(-n // block_n),)](
-        x, x if residual is None else residual, norm_weight, weight, weight if bias is None else bias, out,
-        residual_out, batch, n, k, x.stride(0), 0 if residual is None else residual.stride(0), weight.stride(0),
-        out.stride(0), residual_out.stride(0), eps, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
-    return out, residual_out
+    residual_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
+    return _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out), residual_out
 
 
 # ---------------------------------------------------------------- SSD scan

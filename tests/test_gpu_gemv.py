@@ -33,17 +33,18 @@ def test_gemv_triton_equals_cublas(n: int, k: int, batch: int, dtype: torch.dtyp
     torch.testing.assert_close(out.float(), F.linear(x, weight, bias).float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("mode,reference", [("triton", "cublas"), ("fused", "auto")])  # fused: the norms inside
 @pytest.mark.parametrize("level", [1, 8])
 @torch.inference_mode()
-def test_step_with_triton_gemv_equals_cublas_step(level: int) -> None:
+def test_step_with_triton_gemv_equals_cublas_step(level: int, mode: str, reference: str) -> None:
     model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA, torch.bfloat16)
     token = torch.tensor([5, 17], device=CUDA)
     logits = {}
-    for mode in ("cublas", "triton"):
+    for m in (reference, mode):
         cache = model.allocate_cache(2, level)
-        with kernels.decode_gemv(mode):
-            logits[mode] = torch.stack([model.step(token, cache) for _ in range(4)]).float()
-    torch.testing.assert_close(logits["triton"], logits["cublas"], atol=5e-2, rtol=5e-2)
+        with kernels.decode_gemv(m):
+            logits[m] = torch.stack([model.step(token, cache) for _ in range(4)]).float()
+    torch.testing.assert_close(logits[mode], logits[reference], atol=5e-2, rtol=5e-2)
 
 
 def test_decode_linear_picks_triton_below_the_row_limit() -> None:
@@ -55,46 +56,22 @@ def test_decode_linear_picks_triton_below_the_row_limit() -> None:
     assert not kernels.use_triton_gemv(torch.randn(32, 2048, device=CUDA, dtype=torch.bfloat16), narrow)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert not kernels.use_triton_gemv(x, narrow)
+    with kernels.decode_gemv("fused"):
+        z = torch.randn(1, 2048, device=CUDA, dtype=torch.bfloat16)
+        assert kernels.use_gated_gemv(x, z, narrow, 1, False) and not kernels.use_gated_gemv(x, z, narrow, 2, False)
+        assert kernels.use_add_rmsnorm_gemv(x, None, narrow) and kernels.use_add_rmsnorm_gemv(x, x.float(), narrow)
+        assert not kernels.use_add_rmsnorm_gemv(x, None, wide)
 
 
+@pytest.mark.parametrize("mode", ["triton", "fused"])
 @pytest.mark.parametrize("level", [1, 8])
-def test_graph_greedy_with_triton_gemv_equals_cublas_eager(level: int) -> None:
+def test_graph_greedy_with_triton_gemv_equals_cublas_eager(level: int, mode: str) -> None:
     """fp32 (no bf16 rounding to break a near tie): the captured Triton-GEMV step gives cuBLAS's greedy tokens."""
     model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA)
     prompt = torch.randint(0, 97, (1, 7), device=CUDA)
     with kernels.decode_gemv("cublas"):
         eager = model.generate(prompt, 40, mrl_level=level, temperature=0)
-    with kernels.decode_gemv("triton"):
+    with kernels.decode_gemv(mode):
         graphs = DecodeGraphs(model)
         assert torch.equal(graphs.generate(prompt, 40, mrl_level=level, temperature=0), eager)
 
-
-@pytest.mark.parametrize("level", [1, 8])
-@torch.inference_mode()
-def test_step_with_the_fused_norms_equals_the_unfused_step(level: int) -> None:
-    """decode_gemv("fused"): the add + RMSNorm inside in_proj and the gated RMSNorm inside out_proj."""
-    model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA, torch.bfloat16)
-    token = torch.tensor([5, 17], device=CUDA)
-    logits = {}
-    for mode in ("auto", "fused"):
-        cache = model.allocate_cache(2, level)
-        with kernels.decode_gemv(mode):
-            logits[mode] = torch.stack([model.step(token, cache) for _ in range(4)]).float()
-    torch.testing.assert_close(logits["fused"], logits["auto"], atol=5e-2, rtol=5e-2)
-    y = torch.randn(1, 256, device=CUDA, dtype=torch.bfloat16)
-    with kernels.decode_gemv("fused"):
-        assert kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 1, False)
-        assert not kernels.use_gated_gemv(y, y, torch.randn(128, 256, device=CUDA, dtype=torch.bfloat16), 2, False)
-        assert kernels.use_add_rmsnorm_gemv(y, None, torch.randn(640, 256, device=CUDA, dtype=torch.bfloat16))
-        assert kernels.use_add_rmsnorm_gemv(y, y.float(), torch.randn(640, 256, device=CUDA, dtype=torch.bfloat16))
-
-
-@pytest.mark.parametrize("level", [1, 8])
-def test_graph_greedy_with_the_fused_norms_equals_cublas_eager(level: int) -> None:
-    model = small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).to(CUDA)
-    prompt = torch.randint(0, 97, (1, 7), device=CUDA)
-    with kernels.decode_gemv("cublas"):
-        eager = model.generate(prompt, 40, mrl_level=level, temperature=0)
-    with kernels.decode_gemv("fused"):
-        graphs = DecodeGraphs(model)
-        assert torch.equal(graphs.generate(prompt, 40, mrl_level=level, temperature=0), eager)

@@ -37,7 +37,7 @@ def test_interpreted_cases() -> None:
 @pytest.fixture
 def interpreter():
     """Fresh kernel objects, built for the interpreter (CPU tensors)."""
-    factories = (kernels._gemv_kernel, kernels._gated_gemv_kernel, kernels._add_rmsnorm_gemv_kernel)
+    factories = (kernels._gemv_kernel, kernels._normed_gemv_kernel)
     for factory in factories:
         factory.cache_clear()
     yield

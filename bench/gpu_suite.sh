@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU work for one device call: install mamba-ssm, then the named phases, logs and results under $OUT.
 #   bash bench/gpu_suite.sh tests lm vision
-# Phases: tests and tests-train (pytest -m gpu, split to fit a device call each), lm / vision (joint training, 4 independent baselines, evaluation),
+# Phases: tests and tests-train (pytest -m gpu, split to fit a device call each), decode-tests (the Triton decode and
+# rollback kernels' GPU tests alone), lm / vision (joint training, 4 independent baselines, evaluation),
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
 # spec-tests, spec-profile and spec (speculative decoding's GPU tests; a round's cloud time, bench/verify_profile.py;
 # across tiers, bench/spec_bench.py),
@@ -77,6 +78,9 @@ for phase in "$@"; do
                tests/test_gpu_graphs.py tests/test_gpu_gemv.py 2>&1; } | tee "$OUT/gpu_tests.log" | tail -15 ;;
     tests-train) { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q -k forward_backward tests/test_gpu.py 2>&1; } \
                    | tee "$OUT/gpu_tests_train.log" | tail -15 ;;
+    decode-tests)  # the decode step's and the rollback's Triton kernels on the GPU (a few minutes: no model training)
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu_gemv.py tests/test_rewind_kernel.py 2>&1; } \
+        | tee "$OUT/decode_tests.log" | tail -15 ;;
     lm) run_task lm 256 128 64 32 -- "${LM[@]}" ;;
     vision) run_task vision 192 96 48 24 -- "${VISION[@]}" ;;
     eval)  # the shipped checkpoints: every level, untrained uniform widths, a Mix'n'Match sweep

@@ -1,9 +1,12 @@
-"""Shared test setup: the `gpu` marker, small model factories and the session's Ray cluster."""
+"""Shared test setup: the `gpu` marker, Triton-interpreter runs, small model factories and the session's Ray cluster."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Triton kernels on CPU tensors run in Triton's interpreter, which must be on before anything imports
+# triton.language (its standard functions, such as tl.sum, are built as compiled or interpreted kernels at
+# import), and other tests import mamba-ssm's Triton modules: so a file's `interpreted` cases run in a child
+# pytest of that file started with TRITON_INTERPRET=1 (`run_interpreted`), and are skipped in the parent.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in a child pytest under TRITON_INTERPRET=1")
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run ``test_file``'s tests in a child pytest with Triton's interpreter on; fail with its output if any fails."""
+    if INTERPRETED:
+        pytest.skip("this is the child process")
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout
 
 
 def small_block_config(**overrides) -> MatMamba2Config:

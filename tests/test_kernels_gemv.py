@@ -1,48 +1,20 @@
-"""The decode-step GEMV (`kernels.gemv_triton`) against its PyTorch twin under Triton's CPU interpreter,
-and the dispatch rule that decides where it runs.
-
-The interpreter must be on before anything imports triton.language (its standard functions, such as tl.sum,
-are built as compiled or interpreted kernels at import), and other tests import mamba-ssm's Triton modules:
-so the interpreted cases run in a child pytest process started with TRITON_INTERPRET=1.
+"""The decode-step GEMVs (`kernels.gemv_triton`, and with the norms inside, `add_rmsnorm_gemv_triton` and
+`gated_gemv_triton`) against their PyTorch twins under Triton's CPU interpreter (in a child pytest: see
+tests/conftest.py), and the dispatch rule that decides where they run.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from matmamba import kernels
 
-from .conftest import small_lm
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreted_cases' child process")
+from .conftest import interpreted, run_interpreted, small_lm
 
 
 def test_interpreted_cases() -> None:
-    if INTERPRETED:
-        pytest.skip("this is the child process")
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"},
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    assert " passed" in child.stdout and " failed" not in child.stdout
-
-
-@pytest.fixture
-def interpreter():
-    """Fresh kernel objects, built for the interpreter (CPU tensors)."""
-    factories = (kernels._gemv_kernel, kernels._normed_gemv_kernel)
-    for factory in factories:
-        factory.cache_clear()
-    yield
-    for factory in factories:
-        factory.cache_clear()
+    run_interpreted(__file__)
 
 
 @interpreted
@@ -50,7 +22,7 @@ def interpreter():
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k", [(1, 64), (37, 100), (300, 257), (129, 768)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemv_triton_equals_torch(interpreter, n: int, k: int, batch: int, dtype: torch.dtype, tol: float,
+def test_gemv_triton_equals_torch(n: int, k: int, batch: int, dtype: torch.dtype, tol: float,
                                   bias: bool) -> None:
     torch.manual_seed(n + k + batch)
     x = torch.randn(batch, k).to(dtype)
@@ -63,7 +35,7 @@ def test_gemv_triton_equals_torch(interpreter, n: int, k: int, batch: int, dtype
 
 @interpreted
 @pytest.mark.parametrize("block_n,block_k", [(1, 64), (8, 128), (16, 512)])
-def test_gemv_triton_any_tiling_on_strided_operands(interpreter, block_n: int, block_k: int) -> None:
+def test_gemv_triton_any_tiling_on_strided_operands(block_n: int, block_k: int) -> None:
     """A column slice of the weight (out_proj at a nested width) and a strided input row, under other tilings."""
     torch.manual_seed(0)
     full = torch.randn(50, 300)
@@ -78,7 +50,7 @@ def test_gemv_triton_any_tiling_on_strided_operands(interpreter, block_n: int, b
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n,k", [(37, 100), (256, 512), (64, 2560)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gated_gemv_triton_equals_norm_then_gemv(interpreter, n: int, k: int, batch: int, dtype: torch.dtype,
+def test_gated_gemv_triton_equals_norm_then_gemv(n: int, k: int, batch: int, dtype: torch.dtype,
                                                  tol: float, bias: bool) -> None:
     """The fused gated RMSNorm + out_proj against the gated norm followed by the GEMV; z a strided column slice
     of the projection's output, as in a decode step; K = 2560 walks K in several steps."""
@@ -101,7 +73,7 @@ def test_gated_gemv_triton_equals_norm_then_gemv(interpreter, n: int, k: int, ba
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n,k", [(37, 100), (300, 2560)])
 @pytest.mark.parametrize("first,residual_in_fp32", [(True, True), (False, True), (False, False)])
-def test_add_rmsnorm_gemv_triton_equals_add_norm_then_gemv(interpreter, n: int, k: int, batch: int,
+def test_add_rmsnorm_gemv_triton_equals_add_norm_then_gemv(n: int, k: int, batch: int,
                                                            dtype: torch.dtype, tol: float, first: bool,
                                                            residual_in_fp32: bool) -> None:
     """The fused residual add + RMSNorm + in_proj against its twin: the projection and the new residual stream,
@@ -124,7 +96,7 @@ def test_add_rmsnorm_gemv_triton_equals_add_norm_then_gemv(interpreter, n: int, 
 @interpreted
 @pytest.mark.parametrize("level", [1, 4])
 @torch.inference_mode()
-def test_fused_decode_step_equals_the_unfused_step(interpreter, monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+def test_fused_decode_step_equals_the_unfused_step(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
     """decode_gemv("fused") through a model's steps (the residual stream carried across layers, the first layer
     without one), on CPU tensors: the Triton GEMV's gate is opened for them, so both modes run interpreted kernels
     and differ only in the two fusions."""

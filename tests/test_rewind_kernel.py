@@ -1,5 +1,5 @@
 """The verification graph's rollback kernel (`kernels.ssd_rewind_triton`) against `kernels.ssd_state_after`,
-on the CPU through Triton's interpreter; tests/test_speculative.py runs it on the GPU inside whole rounds."""
+on the CPU through Triton's interpreter (in a child pytest: see tests/conftest.py) and on the GPU."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import torch
 
 from matmamba import kernels
 
+from .conftest import interpreted, run_interpreted
 
-@pytest.fixture
-def interpreted(monkeypatch: pytest.MonkeyPatch):
-    """Triton kernels built while this runs execute on the CPU (TRITON_INTERPRET is read when a kernel is made)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels._rewind_kernel.cache_clear()
-    yield
-    kernels._rewind_kernel.cache_clear()
+
+def test_interpreted_cases() -> None:
+    run_interpreted(__file__)
 
 
 def _chunk(batch: int, length: int, heads: int, rows: int, groups: int, d_state: int, seed: int) -> dict:
@@ -31,8 +28,9 @@ def _chunk(batch: int, length: int, heads: int, rows: int, groups: int, d_state:
                 initial_states=torch.randn(batch, heads, rows, d_state, generator=g))
 
 
+@interpreted
 @pytest.mark.parametrize("shape", [(1, 9, 4, 16, 1, 64), (2, 6, 8, 24, 2, 48), (1, 17, 2, 40, 1, 16)])
-def test_rewind_kernel_equals_the_closed_form(interpreted, shape: tuple[int, ...]) -> None:
+def test_rewind_kernel_equals_the_closed_form(shape: tuple[int, ...]) -> None:
     chunk = _chunk(*shape, seed=sum(shape))
     length = shape[1]
     for keep in sorted({1, 2, length // 2, length - 1}):
@@ -44,7 +42,8 @@ def test_rewind_kernel_equals_the_closed_form(interpreted, shape: tuple[int, ...
         assert not torch.equal(state, final)
 
 
-def test_rewind_kernel_keeps_the_final_state_when_every_position_is_kept(interpreted) -> None:
+@interpreted
+def test_rewind_kernel_keeps_the_final_state_when_every_position_is_kept() -> None:
     chunk = _chunk(1, 5, 4, 16, 1, 32, seed=0)
     final = torch.randn_like(chunk["initial_states"])
     state = final.clone()

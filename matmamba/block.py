@@ -71,8 +71,8 @@ class BlockState:
             return
         if not 1 <= keep <= trace.length:
             raise ValueError(f"keep must be in 1..{trace.length} (the traced chunk's length), got {keep}")
-        self.trace = None
         d_conv = self.conv.shape[-1]
+        self.trace = None
         if keep == trace.length:  # the state is already at the end of the chunk
             return
         self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])

@@ -210,10 +210,8 @@ GEMV_NUM_WARPS = 4
 GEMV_MAX_ROWS = 4096
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_gemv_mode = "auto"
-
-
 GEMV_MODES = ("auto", "cublas", "triton", "fused")
+_gemv_mode = "auto"
 
 
 @contextlib.contextmanager
@@ -340,9 +338,9 @@ def use_gated_gemv(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ngrou
 def use_add_rmsnorm_gemv(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """Whether a decode step's residual add + RMSNorm and in_proj run as one `add_rmsnorm_gemv_triton`
     ("fused" mode only, where in_proj runs on the Triton GEMV)."""
-    if residual is not None and (residual.device != x.device or residual.dim() != 2 or residual.stride(-1) != 1):
+    if _gemv_mode != "fused" or not use_triton_gemv(x, weight):
         return False
-    return _gemv_mode == "fused" and use_triton_gemv(x, weight)
+    return residual is None or (residual.device == x.device and residual.dim() == 2 and residual.stride(-1) == 1)
 
 
 def gated_gemv_torch(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,

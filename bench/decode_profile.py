@@ -23,7 +23,7 @@ from bench.block_bench import finish, replay_ms, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import MatMambaLM
 from matmamba.cuda_graphs import capture
-from matmamba.kernels import decode_gemv
+from matmamba.kernels import GEMV_MODES, decode_gemv
 
 log = logging.getLogger("decode_profile")
 
@@ -88,7 +88,7 @@ def table(result: dict[str, Any]) -> str:
     for size in result["sizes"]:
         n_layer = size["n_layer"]
         for lv in size["levels"]:
-            lines.append(f"d{size['d_model']} x {n_layer} level {lv['level']} gemv {lv.get('gemv', 'auto')}: "
+            lines.append(f"d{size['d_model']} x {n_layer} level {lv['level']} gemv {lv['gemv']}: "
                          f"graph step {lv['graph_step_us']:.1f} us "
                          f"({lv['graph_us_per_layer']:.2f} us/layer), kernels {lv['kernel_us_per_step']:.1f} us/step, "
                          f"{lv['launches_per_layer']:.2f} launches/layer")
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--sizes", default="2048x48", help="d_model x n_layer, comma-separated (default %(default)s)")
-    p.add_argument("--gemv-modes", default="auto",
-                   help="decode projections' kernel, comma-separated: auto, cublas, triton, fused "
-                        "(default %(default)s)")
+    p.add_argument("--gemv-modes", default="fused",
+                   help="decode step's kernels (matmamba.kernels.decode_gemv), comma-separated: "
+                        f"{', '.join(GEMV_MODES)} (default %(default)s)")
     args = p.parse_args(argv)
     result = start(p, "decode_profile")
     modes = args.gemv_modes.split(",")

@@ -113,8 +113,8 @@ for phase in "$@"; do
     block) python3 -m bench.block_bench --out "$OUT/block_bench.json" 2>&1 | tee "$OUT/block_bench.log" ;;
     decode) python3 -m bench.gemv_bench --out "$OUT/gemv_bench.json" > "$OUT/gemv_bench.log" 2>&1
       tail -50 "$OUT/gemv_bench.log"
-      python3 -m bench.decode_bench --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log"
-      python3 -m bench.decode_profile --sizes 768x24,2048x48,2560x64 --gemv-modes auto,cublas,fused \
+      python3 -m bench.decode_bench --no-eager --out "$OUT/decode_bench.json" 2>&1 | tee "$OUT/decode_bench.log"
+      python3 -m bench.decode_profile --sizes 768x24,2048x48,2560x64 --gemv-modes fused,unfused,cublas \
         --out "$OUT/decode_profile.json" > "$OUT/decode_profile.log" 2>&1
       grep "graph step" "$OUT/decode_profile.log" ;;
     scale)  # cloud replicas through routers (bench/scale_bench.py): needs .raywhl carried, as router; ~6 min on an H100

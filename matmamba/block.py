@@ -292,23 +292,26 @@ class MatMamba2(nn.Module):
         """A pre-norm residual block's decode step: ``step(norm(residual + h))`` (residual None: the first block).
 
         Returns (this mixer's output, residual + h). Where ``kernels.use_add_rmsnorm_gemv`` allows it, the add,
-        the norm and in_proj are one kernel; otherwise `kernels.add_rmsnorm`, then `step`'s projection.
+        the norm, in_proj and the conv step are one kernel; otherwise `kernels.add_rmsnorm`, then `step`'s
+        projection.
         """
         s = self.slices(state.width)
         if kernels.use_add_rmsnorm_gemv(h, residual, s.in_proj_w):
+            conv = kernels.ConvStep(state.conv, s.conv_w, s.conv_b, s.dims.d_inner)
             zxbcdt, residual = kernels.add_rmsnorm_gemv_triton(h, residual, norm.weight, norm.eps, residual_in_fp32,
-                                                              s.in_proj_w, s.in_proj_b)
-        else:
-            normed, residual = kernels.add_rmsnorm(h, residual, norm, residual_in_fp32)
-            zxbcdt = kernels.decode_linear(normed, s.in_proj_w, s.in_proj_b)
-        return self._step(zxbcdt, s, state), residual
+                                                              s.in_proj_w, s.in_proj_b, conv)
+            return self._step(zxbcdt, s, state, conv_done=True), residual
+        normed, residual = kernels.add_rmsnorm(h, residual, norm, residual_in_fp32)
+        return self._step(kernels.decode_linear(normed, s.in_proj_w, s.in_proj_b), s, state), residual
 
-    def _step(self, zxbcdt: torch.Tensor, s: BlockSlices, state: BlockState) -> torch.Tensor:
-        """The rest of a decode step after in_proj: zxbcdt (batch, 2*di + d_bc + h) -> (batch, d_model)."""
+    def _step(self, zxbcdt: torch.Tensor, s: BlockSlices, state: BlockState, conv_done: bool = False) -> torch.Tensor:
+        """The rest of a decode step after in_proj: zxbcdt (batch, 2*di + d_bc + h) -> (batch, d_model).
+        ``conv_done``: in_proj's kernel has run the conv step on the xBC rows (`kernels.ConvStep`)."""
         state.trace = None
         d = s.dims
         z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
-        xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
+        if not conv_done:
+            xbc = kernels.causal_conv_step(state.conv, xbc, s.conv_w, s.conv_b)
         x, B, C = torch.split(xbc, [d.d_inner, d.d_bc // 2, d.d_bc // 2], dim=-1)
         y = kernels.ssd_step(
             state.ssm, x.unflatten(-1, (d.nheads, d.headdim)), dt, s.A,

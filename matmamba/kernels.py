@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import sys
 import types
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -210,19 +211,20 @@ GEMV_NUM_WARPS = 4
 GEMV_MAX_ROWS = 4096
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-GEMV_MODES = ("auto", "cublas", "triton", "fused")
-_gemv_mode = "auto"
+GEMV_MODES = ("fused", "unfused", "cublas", "triton")
+_gemv_mode = "fused"
 
 
 @contextlib.contextmanager
 def decode_gemv(mode: str):
-    """Force the decode projections' kernel while the block is active: "auto" (the size rule of
-    `use_triton_gemv`), "cublas" (always F.linear), "triton" (the Triton GEMV wherever it can run) or
-    "fused" (auto's rule, and where a projection runs on the Triton GEMV the norm before it runs inside it:
-    the residual add + RMSNorm in in_proj, `add_rmsnorm_gemv_triton`, and the gated RMSNorm in out_proj,
-    `gated_gemv_triton`; up to two launches fewer per layer; not the default until a GPU run of
-    bench/decode_profile.py shows it faster). For benchmarks and tests; a CUDA graph keeps the choice made
-    when it was captured."""
+    """Force the decode step's kernels while the block is active. "fused", the default: the size rule of
+    `use_triton_gemv`, and where a projection runs on the Triton GEMV the work around it runs inside it: the
+    residual add + RMSNorm and the conv step in in_proj's (`add_rmsnorm_gemv_triton`), the gated RMSNorm in
+    out_proj's (`gated_gemv_triton`): 3 launches a layer where both projections run on it, against 6.
+    "unfused": the same size rule, the norms and the conv in kernels of their own. "cublas": always F.linear.
+    "triton": the Triton GEMV wherever it can run (unfused). On an H200 "fused" measured faster than "unfused"
+    at every level of three model sizes but one, where they were within the noise (docs/BENCHMARKS.md). For
+    benchmarks and tests; a CUDA graph keeps the choice made when it was captured."""
     global _gemv_mode
     if mode not in GEMV_MODES:
         raise ValueError(f"decode_gemv mode must be one of {', '.join(map(repr, GEMV_MODES))}, got {mode!r}")
@@ -336,7 +338,7 @@ def use_gated_gemv(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ngrou
 
 
 def use_add_rmsnorm_gemv(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
-    """Whether a decode step's residual add + RMSNorm and in_proj run as one `add_rmsnorm_gemv_triton`
+    """Whether a decode step's residual add + RMSNorm, in_proj and conv step run as one `add_rmsnorm_gemv_triton`
     ("fused" mode only, where in_proj runs on the Triton GEMV)."""
     if _gemv_mode != "fused" or not use_triton_gemv(x, weight):
         return False
@@ -350,38 +352,52 @@ def gated_gemv_torch(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor
 
 
 def add_rmsnorm_gemv_torch(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                           residual_in_fp32: bool, weight: torch.Tensor,
-                           bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                           residual_in_fp32: bool, weight: torch.Tensor, bias: torch.Tensor | None,
+                           conv: ConvStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of `add_rmsnorm_gemv_triton`, with mamba-ssm's add + RMSNorm arithmetic (the CUDA path of
-    `add_rmsnorm`): r = residual + x in fp32, the norm of r in fp32 rounded to x's dtype, then `gemv_torch`.
-    Returns (the projection, r in fp32 when ``residual_in_fp32`` else in x's dtype)."""
+    `add_rmsnorm`): r = residual + x in fp32, the norm of r in fp32 rounded to x's dtype, then `gemv_torch`,
+    then `causal_conv_step_torch` on the conv's rows. Returns (the projection, r in fp32 when
+    ``residual_in_fp32`` else in x's dtype)."""
     r = x.float() if residual is None else residual.float() + x.float()
     normed = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
-    return gemv_torch(normed, weight, bias), r if residual_in_fp32 else r.to(x.dtype)
+    out = gemv_torch(normed, weight, bias)
+    if conv is not None:
+        rows = slice(conv.first_row, conv.first_row + conv.weight.shape[0])
+        out[:, rows] = causal_conv_step_torch(conv.state, out[:, rows], conv.weight, conv.bias)
+    return out, r if residual_in_fp32 else r.to(x.dtype)
 
 
 @functools.cache
 def _normed_gemv_kernel():
-    """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(v) * norm_weight rounded to a's dtype, as the
-    unfused norm stores it, where v is a * silu(b) (GATED: the gated norm before out_proj; b required) or a + b
-    (the residual add before in_proj; b optional; program 0 also stores v). Each program first reads the
-    sequences' rows for their mean squares (K values, a few KB from L2 per program), then runs `_gemv_kernel`'s
-    loop on h."""
+    """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(v) * norm_weight, where v is a * silu(b)
+    (GATED: the gated norm before out_proj; b required) or a + b (the residual add before in_proj; b optional;
+    program 0 also stores v). One pass over K: the norm's scale is one number per sequence, so each program
+    accumulates sum_k v nw w and the mean square of v side by side and scales its sums by rsqrt(mean + eps) at
+    the end (h is not rounded to a's dtype as the unfused norm stores it: within that rounding of the unfused
+    result). The first version read v twice (a mean-square pass, then `_gemv_kernel`'s loop): on an H200 its
+    steps were slower than the unfused ones at d2048 levels 1-2 and d2560 level 4
+    (docs/results/gpu/decode_profile_two_pass_norm.log). With CONV_WIDTH > 0 (in_proj), the programs that own
+    the conv's channels (rows conv_lo .. conv_lo + channels) also run the conv step on them in the epilogue, as
+    `_conv_step_kernel` would in a launch of its own: shift the state, append the projection rounded as stored,
+    dot with the weights, bias, SiLU; each channel has one owner, so no two programs touch a state row."""
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["batch", "n", "o_b"])
     def kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, v_out_ptr, batch, n, k, a_b, b_b, w_n, o_b, vo_b, eps,
-               GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               cs_ptr, cw_ptr, cb_ptr, conv_lo, channels, cs_b, cs_c, cs_w, cw_c, cw_w,
+               GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_WIDTH: tl.constexpr,
+               HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         seqs = tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_K)
         row_mask = rows < n
         seq_mask = seqs < batch
         squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):  # 1. the normed input's mean squares (program 0 stores a + b)
-            mask = seq_mask[:, None] & (k0 + cols < k)[None, :]
+        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            col_mask = k0 + cols < k
+            mask = seq_mask[:, None] & col_mask[None, :]
             v = tl.load(a_ptr + seqs[:, None] * a_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_B:
                 b = tl.load(b_ptr + seqs[:, None] * b_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -389,51 +405,77 @@ def _normed_gemv_kernel():
                     v = v * b * tl.sigmoid(b)
                 else:
                     v = v + b
-            squares += v * v
             if not GATED:
                 if tl.program_id(0) == 0:
                     tl.store(v_out_ptr + seqs[:, None] * vo_b + (k0 + cols)[None, :],
                              v.to(v_out_ptr.dtype.element_ty), mask=mask)
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
-        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):  # 2. the GEMV on the normed rows
-            col_mask = k0 + cols < k
-            mask = seq_mask[:, None] & col_mask[None, :]
-            v = tl.load(a_ptr + seqs[:, None] * a_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_B:  # the same input as in pass 1, read again (from L2) rather than held for all of K
-                b = tl.load(b_ptr + seqs[:, None] * b_b + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
-                if GATED:
-                    v = v * b * tl.sigmoid(b)
-                else:
-                    v = v + b
+            squares += v * v
             nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
-            h = (v * rstd[:, None] * nw[None, :]).to(a_ptr.dtype.element_ty).to(tl.float32)  # as the norm stores it
             w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-            acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
-        out = tl.sum(acc, axis=2)  # (BLOCK_B, BLOCK_N)
+            acc += (v * nw[None, :])[:, None, :] * w.to(tl.float32)[None, :, :]
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
+        out = tl.sum(acc, axis=2) * rstd[:, None]  # (BLOCK_B, BLOCK_N)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        if CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels: `_conv_step_kernel` on them, in the epilogue
+            ch = rows - conv_lo
+            is_conv = row_mask & (ch >= 0) & (ch < channels)
+            cmask = seq_mask[:, None] & is_conv[None, :]
+            state = cs_ptr + seqs[:, None] * cs_b + ch[None, :] * cs_c
+            conv = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(CONV_WIDTH - 1):
+                v = tl.load(state + (j + 1) * cs_w, mask=cmask, other=0.0)
+                tl.store(state + j * cs_w, v, mask=cmask)
+                conv += v.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + j * cw_w, mask=is_conv,
+                                                   other=0.0).to(tl.float32)[None, :]
+            x_state = out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty)  # as stored, then as the state
+            tl.store(state + (CONV_WIDTH - 1) * cs_w, x_state, mask=cmask)
+            conv += x_state.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + (CONV_WIDTH - 1) * cw_w, mask=is_conv,
+                                                     other=0.0).to(tl.float32)[None, :]
+            if HAS_CONV_BIAS:
+                conv += tl.load(cb_ptr + ch, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+            out = tl.where(is_conv[None, :], conv * tl.sigmoid(conv), out)
         tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=seq_mask[:, None] & row_mask[None, :])
 
     return kernel
 
 
+@dataclass(frozen=True)
+class ConvStep:
+    """A decode step's depthwise causal conv, for `add_rmsnorm_gemv_triton` to run on in_proj's rows
+    ``first_row ..`` (the conv's channels): state (batch, channels, width), updated in place; weight
+    (channels, width); bias (channels,) or None. The projection's output then holds those rows after the conv
+    and SiLU, as `causal_conv_step` returns them."""
+    state: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    first_row: int
+
+
 def _normed_gemv(a: torch.Tensor, b: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                 bias: torch.Tensor | None, gated: bool, v_out: torch.Tensor | None) -> torch.Tensor:
+                 bias: torch.Tensor | None, gated: bool, v_out: torch.Tensor | None,
+                 conv: ConvStep | None = None) -> torch.Tensor:
     batch, k = a.shape
     n = weight.shape[0]
     assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and norm_weight.shape == (k,)
     assert a.stride(-1) == 1 and weight.stride(-1) == 1 and (b is None or (b.shape == a.shape and b.stride(-1) == 1))
     block_b, block_n, block_k = gemv_config(batch, k)
     out = torch.empty(batch, n, device=a.device, dtype=a.dtype)
+    conv_args: tuple = (out, out, out, 0, 0, 0, 0, 0, 0, 0)
+    if conv is not None:
+        channels, width = conv.weight.shape
+        assert conv.state.shape == (batch, channels, width) and conv.first_row + channels <= n
+        conv_args = (conv.state, conv.weight, conv.weight if conv.bias is None else conv.bias, conv.first_row,
+                     channels, *conv.state.stride(), *conv.weight.stride())
     _normed_gemv_kernel()[(-(-n // block_n),)](
         a, a if b is None else b, norm_weight, weight, weight if bias is None else bias, out,
         out if v_out is None else v_out, batch, n, k, a.stride(0), 0 if b is None else b.stride(0), weight.stride(0),
-        out.stride(0),
-        0 if v_out is None else v_out.stride(0), eps, GATED=gated, HAS_B=b is not None, HAS_BIAS=bias is not None,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
+        out.stride(0), 0 if v_out is None else v_out.stride(0), eps, *conv_args, GATED=gated, HAS_B=b is not None,
+        HAS_BIAS=bias is not None, CONV_WIDTH=0 if conv is None else conv.weight.shape[1],
+        HAS_CONV_BIAS=conv is not None and conv.bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
     return out
 
 
@@ -445,13 +487,14 @@ def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tenso
 
 
 def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                            residual_in_fp32: bool, weight: torch.Tensor,
-                            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                            residual_in_fp32: bool, weight: torch.Tensor, bias: torch.Tensor | None,
+                            conv: ConvStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K) and residual (or None, the
-    first layer) with contiguous rows; weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph
-    capturable. Returns (the projection (batch, N) in x's dtype, the new residual (batch, K))."""
+    first layer) with contiguous rows; weight (N, K) with contiguous rows; the conv step (`ConvStep`) in its
+    epilogue when given. Tiled as `gemv_triton`. CUDA-graph capturable. Returns (the projection (batch, N) in
+    x's dtype, the new residual (batch, K))."""
     residual_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
-    return _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out), residual_out
+    return _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out, conv), residual_out
 
 
 # ---------------------------------------------------------------- SSD scan

@@ -1,6 +1,6 @@
-"""The decode-step GEMVs (`kernels.gemv_triton`, and with the norms inside, `add_rmsnorm_gemv_triton` and
-`gated_gemv_triton`) against their PyTorch twins under Triton's CPU interpreter (in a child pytest: see
-tests/conftest.py), and the dispatch rule that decides where they run.
+"""The decode-step GEMVs (`kernels.gemv_triton`, and with the norms inside, `add_rmsnorm_gemv_triton`, also with
+the conv step, and `gated_gemv_triton`) against their PyTorch twins under Triton's CPU interpreter (in a child
+pytest: see tests/conftest.py), and the dispatch rule that decides where they run.
 """
 
 from __future__ import annotations
@@ -94,6 +94,40 @@ def test_add_rmsnorm_gemv_triton_equals_add_norm_then_gemv(n: int, k: int, batch
 
 
 @interpreted
+@pytest.mark.parametrize("dtype,state_dtype,tol", [(torch.float32, torch.float32, 1e-5),
+                                                   (torch.bfloat16, torch.float32, 2e-2),
+                                                   (torch.bfloat16, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("first_row,channels,bias", [(8, 21, True), (0, 64, False)])
+def test_add_rmsnorm_gemv_triton_runs_the_conv_step_on_its_rows(first_row: int, channels: int, bias: bool,
+                                                                 batch: int, dtype: torch.dtype,
+                                                                 state_dtype: torch.dtype, tol: float) -> None:
+    """in_proj with the conv step in its epilogue (`kernels.ConvStep`) against its twin: the projection (rows
+    outside the conv as projected, the conv's rows after conv + SiLU), the shifted state, the residual; the
+    conv's rows start mid-tile (8, 21 channels) or at row 0, in a 4-row tiling."""
+    torch.manual_seed(first_row + channels + batch)
+    n, k, width = first_row + channels + 7, 96, 4
+    x, residual = torch.randn(batch, k).to(dtype), torch.randn(batch, k)
+    norm_weight = (1 + 0.1 * torch.randn(k)).to(dtype)
+    weight = (torch.randn(n, k) / k**0.5).to(dtype)
+    conv_weight = torch.randn(channels, width).to(dtype)
+    conv_bias = torch.randn(channels).to(dtype) if bias else None
+    state = torch.randn(batch, channels, width).to(state_dtype)
+    ref_state = state.clone()
+    out, res = kernels.add_rmsnorm_gemv_triton(x, residual, norm_weight, 1e-5, True, weight, None,
+                                               kernels.ConvStep(state, conv_weight, conv_bias, first_row))
+    ref_out, ref_res = kernels.add_rmsnorm_gemv_torch(x, residual, norm_weight, 1e-5, True, weight, None,
+                                                      kernels.ConvStep(ref_state, conv_weight, conv_bias, first_row))
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(state.float(), ref_state.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(res, ref_res, atol=tol, rtol=tol)
+    plain, _ = kernels.add_rmsnorm_gemv_torch(x, residual, norm_weight, 1e-5, True, weight, None)
+    rows = slice(first_row, first_row + channels)
+    assert not torch.allclose(out[:, rows].float(), plain[:, rows].float(), atol=tol, rtol=tol)  # the conv ran
+    torch.testing.assert_close(state[:, :, -1].float(), plain[:, rows].to(state_dtype).float(), atol=tol, rtol=tol)
+
+
+@interpreted
 @pytest.mark.parametrize("level", [1, 4])
 @torch.inference_mode()
 def test_fused_decode_step_equals_the_unfused_step(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
@@ -104,11 +138,11 @@ def test_fused_decode_step_equals_the_unfused_step(monkeypatch: pytest.MonkeyPat
     model = small_lm(seed=3, n_layer=3, d_model=64, headdim=8, d_state=16)
     tokens = torch.tensor([[5, 17], [3, 3], [40, 1]])
     logits = {}
-    for mode in ("auto", "fused"):
+    for mode in ("unfused", "fused"):
         cache = model.allocate_cache(2, level)
         with kernels.decode_gemv(mode):
             logits[mode] = torch.stack([model.step(t, cache) for t in tokens])
-    torch.testing.assert_close(logits["fused"], logits["auto"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits["fused"], logits["unfused"], atol=1e-4, rtol=1e-4)
 
 
 def test_gemv_config_covers_k_in_few_steps_and_bounds_the_tile() -> None:

@@ -12,7 +12,8 @@ read from the checkpoint (``load_model(dir, mrl_level=edge_level)``, partial loa
 Classify and Score requests are grouped into micro-batches (edge/batching.py) and run one batch
 at a time on the worker's event loop thread. Besides Ray actor calls they are served on a private
 Unix-socket endpoint (edge/endpoint.py), the router's fast path on the same host. Generation runs
-one segment at a time on the same thread; the worker keeps each generation's recurrent state
+one segment at a time on the same thread (on CUDA its decode steps replay a captured graph per
+width); the worker keeps each generation's recurrent state
 between segments, so a segment that continues the previous one costs only its own decode steps; a
 context that extends what it read is read from there, and a draft segment (speculative generation)
 keeps a checkpoint before each token, so a context keeping only some of its tokens resumes at the last
@@ -26,7 +27,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from matmamba import MatMambaLM, load_model
 from matmamba.backbone import InferenceCache
-from matmamba.cuda_graphs import BucketedForward, ForwardGraphs
+from matmamba.cuda_graphs import BucketedForward, DecodeGraphs, ForwardGraphs
 from matmamba.data.fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from matmamba.devices import describe_device, resolve_device
 from matmamba.flops import flops_per_item
@@ -53,8 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SESSIONS = 256
 # Length of the warm-up sequence (LM) run once at start-up.
 WARMUP_TOKENS = 8
-
-
+# A decode step on a session's live cache: the token (1,) -> the next logits (1, V).
+Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -74,7 +75,8 @@ class EdgeWorker:
 
     def __init__(self, checkpoint: str | Path, edge_level: int, *, max_batch: int = 32, max_wait_ms: float = 2.0,
                  device: str = "auto", num_threads: int | None = None,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, warm_levels: Sequence[int] = ()) -> None:
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, warm_levels: Sequence[int] = (),
+                 cuda_graphs: bool = True) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
@@ -86,8 +88,13 @@ class EdgeWorker:
         self._mean_std = self._normalisation()
         # On CUDA, uint8 image batches replay a captured graph per bucket size (a narrow model is
         # launch-bound: eager one-image calls cost ~11 ms on an H100, most of it kernel launches).
+        graphs = cuda_graphs and self._bf16
         self._graphs = BucketedForward(ForwardGraphs(self._classify_probs, autocast_dtype=torch.bfloat16),
-                                       max_batch) if self._bf16 and not self.is_lm else None
+                                       max_batch) if graphs and not self.is_lm else None
+        # An LM's generation segments (drafts included) decode through one captured step per width: a session's
+        # state is copied into the graph's cache for the segment and back after it (see _decoding).
+        self._steps = DecodeGraphs(self.model, autocast_dtype=torch.bfloat16, slots_per_key=1) \
+            if graphs and self.is_lm else None
         # Batches run on the event loop's thread (no executor): see edge/batching.py for why.
         self._batcher = MicroBatcher(self.run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1e3,
                                      executor=None)
@@ -145,6 +152,8 @@ class EdgeWorker:
         """One tiny batch at ``width`` (the first call at a width may compile or autotune kernels)."""
         if self.is_lm:
             self.score_batch(width, False, [np.zeros((1, WARMUP_TOKENS), dtype=np.int64)])
+            if self._steps is not None:
+                self._steps.warmup(1, widths=width)
         else:
             size, channels = self._info.image_size, self._info.channels
             for n in self._graphs.buckets if self._graphs is not None else (1,):  # every graph, captured now
@@ -257,9 +266,12 @@ class EdgeWorker:
         if start < context.size:
             rest = torch.from_numpy(np.array(context[start:]))[None].to(self.device)  # (1, n)
             self.model.check_ids(rest)
-            with self._autocast():  # one token (the cloud's, after a verification) is one recurrent step
-                session.logits = self.model.step(rest[:, 0], session.cache) if rest.shape[1] == 1 else \
-                    self.model.forward_unchecked(rest, session.cache.widths, session.cache)[:, -1]  # (1, V)
+            if rest.shape[1] == 1:  # one token (the cloud's, after a verification) is one recurrent step
+                with self._decoding(session.cache) as (_, step):
+                    session.logits = step(rest[:, 0])  # (1, V)
+            else:
+                with self._autocast():
+                    session.logits = self.model.forward_unchecked(rest, session.cache.widths, session.cache)[:, -1]
         session.ids = context
         return True
 
@@ -282,6 +294,31 @@ class EdgeWorker:
             self._sessions.popitem(last=False)
         return session, False
 
+    @contextlib.contextmanager
+    def _decoding(self, cache: InferenceCache) -> Iterator[tuple[InferenceCache, Step]]:
+        """(the live cache, step(token) -> next logits) for a segment's decode steps on ``cache``. Eager: ``cache``
+        itself and ``model.step``. With CUDA graphs: the captured step's own cache, holding a copy of ``cache``
+        that goes back into it at the end, and a replay per step (one launch instead of a few per layer; the
+        logits are copied out of the graph's buffer, so a checkpoint may keep them)."""
+        if self._steps is None:
+            def eager(token: torch.Tensor) -> torch.Tensor:
+                with self._autocast():
+                    return self.model.step(token, cache)
+            yield cache, eager
+            return
+        slot = self._steps.acquire(cache.widths, cache.batch_size)
+        try:
+            slot.cache.copy_(cache)
+
+            def replay(token: torch.Tensor) -> torch.Tensor:
+                logits = slot.advance(token).clone()
+                slot.cache.seqlen += 1
+                return logits
+            yield slot.cache, replay
+            cache.copy_(slot.cache)
+        finally:
+            self._steps.release(slot)
+
     @torch.inference_mode()
     def _generate(self, request: SegmentRequest) -> SegmentOutput:
         start = time.perf_counter()
@@ -291,18 +328,18 @@ class EdgeWorker:
         tokens: list[int] = []
         logprobs: list[float] = []
         probs: list[torch.Tensor] = []
-        for _ in range(request.max_new):
-            if request.draft:
-                session.checkpoints[session.ids.size + len(tokens)] = (session.cache.clone(), session.logits)
-                if not params.greedy:
-                    probs.append(sampling_probs(session.logits, params)[0])
-            token = sample_next(session.logits, params, session.generator)  # (1,)
-            tokens.append(int(token[0]))
-            logprobs.append(float(F.log_softmax(session.logits.float(), -1)[0, tokens[-1]]))
-            if tokens[-1] == eos_id:
-                break
-            with self._autocast():
-                session.logits = self.model.step(token, session.cache)  # (1, V)
+        with self._decoding(session.cache) as (cache, step):
+            for _ in range(request.max_new):
+                if request.draft:
+                    session.checkpoints[session.ids.size + len(tokens)] = (cache.clone(), session.logits)
+                    if not params.greedy:
+                        probs.append(sampling_probs(session.logits, params)[0])
+                token = sample_next(session.logits, params, session.generator)  # (1,)
+                tokens.append(int(token[0]))
+                logprobs.append(float(F.log_softmax(session.logits.float(), -1)[0, tokens[-1]]))
+                if tokens[-1] == eos_id:
+                    break
+                session.logits = step(token)  # (1, V)
         eos = bool(tokens) and tokens[-1] == eos_id
         session.ids = np.concatenate([session.ids, np.asarray(tokens, dtype=np.int64)])
         if eos:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,27 @@ def ray_cluster() -> Iterator[RayInfo]:
     os.environ.clear()
     os.environ.update(environment)
     info.cleanup()
+
+
+class EagerDecodeSlots:
+    """`DecodeGraphs`' slot protocol run eagerly (a CPU stand-in for the edge worker's captured steps): one slot per
+    (widths, batch), reused across segments, with its own cache and one logits buffer that every step overwrites,
+    as a graph's replay does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.slots, self.steps = model, {}, 0
+
+    def acquire(self, widths: tuple[int, ...], batch: int) -> types.SimpleNamespace:
+        if (widths, batch) not in self.slots:
+            cache = self.model.backbone.allocate_cache(batch, widths)
+            slot = types.SimpleNamespace(cache=cache, logits=torch.empty(batch, self.model.config.vocab_size))
+
+            def advance(token: torch.Tensor, slot: types.SimpleNamespace = slot) -> torch.Tensor:
+                self.steps += 1
+                return slot.logits.copy_(self.model.step(token, slot.cache))
+            slot.advance = advance
+            self.slots[widths, batch] = slot
+        return self.slots[widths, batch]
+
+    def release(self, slot: types.SimpleNamespace) -> None:
+        pass

@@ -14,7 +14,7 @@ from edge.worker import EdgeWorker
 from matmamba import load_model
 from matmamba.data.fashion_mnist import FMNIST_MEAN, FMNIST_STD
 
-from .conftest import small_lm, small_vision
+from .conftest import EagerDecodeSlots, small_lm, small_vision
 
 LEVEL = 4
 
@@ -70,17 +70,23 @@ def test_score_returns_token_logprobs_of_the_given_tokens(lm_dir: Path) -> None:
     np.testing.assert_allclose(last.logprobs[:, 0], out.logprobs[:, -1], atol=1e-5)
 
 
-def test_segments_continue_the_state_and_equal_one_greedy_generation(lm_dir: Path) -> None:
+@pytest.mark.parametrize("steps", ["eager", "slots"])
+def test_segments_continue_the_state_and_equal_one_greedy_generation(lm_dir: Path, steps: str) -> None:
+    """Also with the decode steps in a graph slot's own cache ("slots": the CUDA path's protocol, run eagerly);
+    another generation's segment runs between each two, in the same slot."""
     worker = EdgeWorker(lm_dir, LEVEL)
+    if steps == "slots":
+        worker._steps = EagerDecodeSlots(worker.model)
     prompt = np.arange(5, dtype=np.int64)
     context, segments = prompt, []
 
     async def main():
         nonlocal context
-        for _ in range(3):
+        for i in range(3):
             seg = await worker.generate_segment(SegmentRequest("g", context, 4, temperature=0.0))
             segments.append(seg)
             context = np.concatenate([context, seg.tokens])
+            await worker.generate_segment(SegmentRequest(f"other{i}", prompt[::-1].copy(), 3, temperature=0.0))
 
     asyncio.run(main())
     assert [s.reused_state for s in segments] == [False, True, True]

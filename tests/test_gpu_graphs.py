@@ -6,6 +6,7 @@ Run on the device with `pytest -m gpu tests/test_gpu_graphs.py`.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from cloud.batcher import BatchKey
 from cloud.runner import ModelRunner
+from edge.results import SegmentRequest
 from edge.worker import EdgeWorker
 from matmamba import kernels
 from matmamba.cuda_graphs import DecodeGraphs, graph_buckets
@@ -157,3 +159,26 @@ def test_runner_graphed_generate_equals_eager() -> None:
 
     for width in graphed.widths:
         assert tokens(graphed, width) == tokens(eager, width)
+
+
+def test_edge_worker_graphed_drafts_equal_eager(tmp_path) -> None:
+    """An LM edge worker's segments through its captured decode steps: the eager worker's drafts, log-probs and
+    resumption from the accepted prefix (both bf16 autocast, the same kernels)."""
+    small_lm(n_layer=3, d_model=128, headdim=8, d_state=32).save_pretrained(tmp_path)
+    graphed = EdgeWorker(tmp_path, 2, device="cuda")
+    eager = EdgeWorker(tmp_path, 2, device="cuda", cuda_graphs=False)
+    assert graphed._steps is not None and graphed._steps.captured == 1 and eager._steps is None  # captured at start
+    prompt = np.arange(6, dtype=np.int64)
+
+    async def segments(worker: EdgeWorker) -> list:
+        first = await worker.generate_segment(SegmentRequest("g", prompt, 8, temperature=0.0, draft=True))
+        context = np.concatenate([prompt, first.tokens[:3], [11]])  # 3 drafts accepted, then the cloud's token
+        resumed = await worker.generate_segment(SegmentRequest("g", context, 8, temperature=0.0, draft=True))
+        sampled = await worker.generate_segment(SegmentRequest("s", prompt, 8, temperature=0.8, seed=3, draft=True))
+        return [first, resumed, sampled]
+
+    got, want = asyncio.run(segments(graphed)), asyncio.run(segments(eager))
+    assert got[1].reused_state and want[1].reused_state and graphed._steps.captured == 1  # none at request time
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-3)

@@ -23,7 +23,7 @@ from matmamba.generation import SamplingParams, sample_next, sampling_probs
 from matmamba.kernels import ssd_state_after
 from proto.validate import GenerateInputs
 
-from .conftest import small_lm
+from .conftest import EagerDecodeSlots, small_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LM = REPO_ROOT / "checkpoints" / "matmamba-lm-austen"
@@ -309,8 +309,10 @@ def test_sampled_speculative_output_follows_the_full_model() -> None:
 # ------------------------------------------------------------------ the edge worker's drafts
 
 
-def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path) -> None:
-    """A draft segment keeps checkpoints: the next context (accepted prefix + the cloud's token) resumes there."""
+@pytest.mark.parametrize("steps", ["eager", "slots"])
+def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path, steps: str) -> None:
+    """A draft segment keeps checkpoints: the next context (accepted prefix + the cloud's token) resumes there;
+    likewise when the decode steps run in a graph slot's own cache ("slots", the CUDA path's protocol)."""
     import asyncio
 
     from edge.results import SegmentRequest
@@ -318,6 +320,8 @@ def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path) -> None:
 
     small_lm(seed=4).save_pretrained(tmp_path / "lm")
     worker = EdgeWorker(tmp_path / "lm", 4)
+    if steps == "slots":
+        worker._steps = EagerDecodeSlots(worker.model)
     prompt = np.arange(6, dtype=np.int64)
 
     async def main() -> None:
@@ -339,6 +343,8 @@ def test_edge_drafts_resume_from_the_accepted_prefix(tmp_path: Path) -> None:
         assert (sampled.probs[np.arange(4), sampled.tokens] > 0).all()  # each token drawn from its row
 
     asyncio.run(main())
+    if steps == "slots":
+        assert worker._steps.steps > 0  # the segments stepped in the slot
 
 
 # ------------------------------------------------------------------ CUDA (run on the device: pytest -m gpu)

@@ -222,8 +222,8 @@ def decode_gemv(mode: str):
     residual add + RMSNorm and the conv step in in_proj's (`add_rmsnorm_gemv_triton`), the gated RMSNorm in
     out_proj's (`gated_gemv_triton`): 3 launches a layer where both projections run on it, against 6.
     "unfused": the same size rule, the norms and the conv in kernels of their own. "cublas": always F.linear.
-    "triton": the Triton GEMV wherever it can run (unfused). On an H200 "fused" measured faster than "unfused"
-    at every level of three model sizes but one, where they were within the noise (docs/BENCHMARKS.md). For
+    "triton": the Triton GEMV wherever it can run (unfused). On an H200 "fused" decoded faster than "unfused" at
+    9 of 12 levels (4 levels of 3 model sizes), within 1.5% at the other 3 (docs/BENCHMARKS.md). For
     benchmarks and tests; a CUDA graph keeps the choice made when it was captured."""
     global _gemv_mode
     if mode not in GEMV_MODES:

@@ -83,12 +83,17 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def loop_rate(batch: int, n_short: int, n_long: int, short_s: float, long_s: float) -> float:
+    """Tokens/s of the decode loop alone, from the times of an n_short and an n_long generation."""
+    return batch * (n_long - n_short) / max(long_s - short_s, 1e-9)
+
+
 def decode_rate(generate, batch: int, n_short: int, n_long: int) -> float:
     """Tokens/s of the decode loop alone: generate(n) runs a full generation of n new tokens."""
     generate(n_long)  # warm-up (graph capture, autotuning)
     short = statistics.median(timed(lambda: generate(n_short)) for _ in range(REPS))
     long = statistics.median(timed(lambda: generate(n_long)) for _ in range(REPS))
-    return batch * (n_long - n_short) / max(long - short, 1e-9)
+    return loop_rate(batch, n_short, n_long, short, long)
 
 
 def interleaved_rates(generators: dict[Any, Callable[[int], Any]], batch: int,
@@ -101,7 +106,7 @@ def interleaved_rates(generators: dict[Any, Callable[[int], Any]], batch: int,
     for _ in range(rounds):
         for name, generate in generators.items():
             short, long = timed(functools.partial(generate, N_SHORT)), timed(functools.partial(generate, N_LONG))
-            rates[name].append(batch * (N_LONG - N_SHORT) / max(long - short, 1e-9))
+            rates[name].append(loop_rate(batch, N_SHORT, N_LONG, short, long))
     return rates
 
 

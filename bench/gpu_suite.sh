@@ -93,9 +93,12 @@ for phase in "$@"; do
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_gpu_router.py 2>&1
         python3 -m bench.router_overhead --device cuda --out "$OUT/router_overhead_gpu.json" 2>&1 | tail -6
       } | tee "$OUT/router_gpu.log" ;;
-    spec-tests)  # speculative decoding's GPU tests (~4 min on an H100)
-      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py 2>&1; } | tee "$OUT/spec_tests.log" ;;
-    spec-profile)  # the rollback kernel's GPU test, then where a verification round's cloud time goes (no Ray)
+    spec-tests)  # speculative decoding's GPU tests, the short-chunk verification kernels' included
+      { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py tests/test_short_chunk.py 2>&1; } \
+        | tee "$OUT/spec_tests.log" ;;
+    spec-profile)  # the rollback kernel's GPU test, then a round's cloud time and the cloud's GPU time per token by
+      # edge level (bench/verify_profile.py; it imports the router's draft-length rule: needs .raywhl, as spec)
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_rewind_kernel.py 2>&1
         python3 -m bench.verify_profile --out "$OUT/verify_profile.json" 2>&1; } | tee "$OUT/verify_profile.log" ;;
     spec)  # speculative decoding across tiers (cloud process + router on Ray): needs .raywhl carried, as router

@@ -12,7 +12,14 @@ Measured side by side, medians over repetitions:
   continuation: nothing to roll back) and all rejected (random ids: roll back to the pending token):
   the wall time of ``Verifier.verify`` with the whole round in one graph (greedy rounds, the default)
   and with acceptance and rollback on the host after the forward graph (as sampling rounds run), and
-  the GPU time of one replay of the whole-round graph.
+  the GPU time of one replay of the whole-round graph;
+- **cloud GPU time per generated token, per edge level** (``--levels``): ``--prompts`` prompts x ``TOKENS``
+  greedy tokens, cloud-only (``runner.generate``) and speculative (an in-process loop: drafts from a CPU copy of
+  the same checkpoint at the level's width, k adaptive up to ``--draft-tokens`` by the router's own rule,
+  ``router.speculative.DraftLength``, each round one ``Verifier.verify``), side by side. The cloud's GPU time
+  is the sum of the CUDA kernels' and copies' durations that torch.profiler (CUPTI) records while the cloud
+  works, graph replays included; drafting on the CPU keeps the edge's work out of it. Also the span between
+  CUDA events around each call (an upper bound: it includes the GPU's idle gaps while the host launches).
 """
 
 from __future__ import annotations
@@ -28,12 +35,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 
 from bench.block_bench import environment, finish, replay_ms
+from bench.spec_bench import PROMPTS
 from cloud.runner import ModelRunner
 from cloud.speculative import Verifier
 from matmamba import load_model
 from proto.validate import GenerateInputs
+from router.speculative import DraftLength
 
 log = logging.getLogger("verify_profile")
 
@@ -80,6 +90,75 @@ def rounds(runner: ModelRunner, prompt: np.ndarray, k: int, drafts: np.ndarray, 
         runner.round_graphs = graphs
 
 
+class CloudGpuTime:
+    """The cloud's GPU time over the calls made inside ``measure``: CUPTI's kernel and copy durations (profiler)
+    and the CUDA-event span around each call."""
+
+    def __init__(self) -> None:
+        self.kernel_ms = self.span_ms = 0.0
+
+    def measure(self, fn, *args):
+        from torch.profiler import ProfilerActivity, profile
+
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            begin.record()
+            result = fn(*args)
+            end.record()
+            end.synchronize()
+        self.span_ms += begin.elapsed_time(end)
+        device = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, copies
+        if not device:
+            raise RuntimeError("the profiler recorded no CUDA activity (CUPTI unavailable?)")
+        self.kernel_ms += sum(e.self_device_time_total for e in device) / 1e3
+        return result
+
+
+def level_gpu_time(runner: ModelRunner, drafter: torch.nn.Module, prompts: list[np.ndarray], level: int,
+                   max_k: int) -> dict[str, Any]:
+    """Cloud-only and speculative cloud GPU time per token at one edge level (see the module docstring)."""
+    width = runner.config.d_model // level
+    base, spec = CloudGpuTime(), CloudGpuTime()
+    tokens_base, tokens_spec, rounds, drafted, accepted, identical = 0, 0, 0, 0, 0, True
+    verifier = Verifier(runner)
+    for prompt in prompts:
+        inputs = GenerateInputs(prompt, TOKENS, 0.0, 0, 1.0, None, runner.config.d_model, "profile")
+        ref: list[int] = []
+        base.measure(runner.generate, inputs, threading.Event(), lambda token, logprob, ref=ref: ref.append(token))
+        tokens_base += len(ref)
+        session, _ = verifier.open(GenerateInputs(prompt, TOKENS + max_k + 1, 0.0, 0, 1.0, None,
+                                                  runner.config.d_model, "profile"))
+        cache = drafter.allocate_cache(1, widths=width)
+        logits = drafter(torch.from_numpy(prompt)[None], cache=cache)[:, -1]
+        length, out = DraftLength(max_k), []
+        while len(out) < TOKENS:
+            k = length.k
+            drafts, snapshots = [], []
+            for _ in range(k):
+                snapshots.append(cache.clone())
+                token = logits.argmax(-1)
+                drafts.append(int(token))
+                logits = drafter.step(token, cache)
+            verdict = spec.measure(verifier.verify, session, np.asarray(drafts, dtype=np.int64), None)
+            length.update(k, verdict.accepted)
+            rounds, drafted, accepted = rounds + 1, drafted + k, accepted + verdict.accepted
+            out += drafts[:verdict.accepted] + [verdict.next_token]
+            if verdict.accepted < k:
+                cache.copy_(snapshots[verdict.accepted])
+            logits = drafter.step(torch.tensor([verdict.next_token]), cache)
+        identical &= out[:TOKENS] == ref
+        tokens_spec += len(out)
+    row = {"level": level, "width": width, "identical": identical, "rounds": rounds, "tokens": tokens_spec,
+           "drafts_accepted": accepted / drafted, "tokens_per_round": tokens_spec / rounds,
+           "cloud_only_kernel_ms_per_token": base.kernel_ms / tokens_base,
+           "cloud_only_span_ms_per_token": base.span_ms / tokens_base,
+           "spec_kernel_ms_per_token": spec.kernel_ms / tokens_spec,
+           "spec_span_ms_per_token": spec.span_ms / tokens_spec}
+    row["kernel_ratio"] = row["cloud_only_kernel_ms_per_token"] / row["spec_kernel_ms_per_token"]
+    row["span_ratio"] = row["cloud_only_span_ms_per_token"] / row["spec_span_ms_per_token"]
+    return row
+
+
 def round_gpu_ms(runner: ModelRunner, k: int) -> float:
     slot = runner.round_graphs._slot(runner.model.backbone.resolve_widths(), 1, k + 1)
     return replay_ms(slot.graph.replay, REPS)
@@ -106,6 +185,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             assert host_kept == row[f"kept_{name}"], "the two round paths disagree"
         out["rounds"].append(row)
         log.info("k %d: %s", k, row)
+    drafter = load_model(args.checkpoint).eval()  # the edge's submodels: the same weights, on the CPU
+    prompts = [np.asarray(runner.tokenizer.encode(t), dtype=np.int64) for t in PROMPTS[:args.prompts]]
+    out["levels"] = []
+    for level in args.levels:
+        row = level_gpu_time(runner, drafter, prompts, level, args.draft_tokens)
+        out["levels"].append(row)
+        log.info("level %d: %s", level, row)
+    out["draft_tokens"], out["prompts"] = args.draft_tokens, len(prompts)
     return out
 
 
@@ -123,6 +210,18 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['host_round_ms_rejected']:.3f} |")
     lines.append("(drafts accepted, all-accepted rows: " + ", ".join(f"k {r['k']}: {r['kept_accepted']}"
                                                                      for r in result["rounds"]) + ")")
+    lines += ["", f"cloud GPU ms per generated token, {result['prompts']} prompts x {TOKENS} greedy tokens, drafts "
+              f"up to {result['draft_tokens']} (k adaptive) from a CPU copy at the level's width",
+              "| level | greedy output = cloud-only | drafts accepted | tokens / round | kernel ms / token: cloud-only "
+              "/ speculative | cloud-only / speculative | event span ms / token: cloud-only / speculative | "
+              "cloud-only / speculative |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["levels"]:
+        lines.append(f"| {r['level']} | {'yes' if r['identical'] else 'NO'} | {r['drafts_accepted']:.2f} | "
+                     f"{r['tokens_per_round']:.2f} | {r['cloud_only_kernel_ms_per_token']:.4f} / "
+                     f"{r['spec_kernel_ms_per_token']:.4f} | {r['kernel_ratio']:.2f}x | "
+                     f"{r['cloud_only_span_ms_per_token']:.4f} / {r['spec_span_ms_per_token']:.4f} | "
+                     f"{r['span_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -130,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--out", type=Path, default=None, help="JSON result (a table goes to stdout)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8], help="edge levels (default 1 2 4 8)")
+    parser.add_argument("--prompts", type=int, default=8, help=f"prompts per level, at most {len(PROMPTS)}")
+    parser.add_argument("--draft-tokens", type=int, default=8, help="most drafts per round (the router's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():

@@ -14,22 +14,33 @@ sequence except the last one, the *pending* token. One Verify:
 3. rolls the state back to "after d_n" (``cache.rewind(n + 1)``) and makes x the new pending token.
 
 On CUDA a greedy round is one CUDA-graph replay (``matmamba.cuda_graphs.ChunkGraphs`` with the body
-:func:`greedy_round`, one graph per chunk length captured at warm-up): the forward pass, the
-acceptance (argmax, first mismatch), the rollback with the accepted length kept on the device
-(``InferenceCache.rewind_states`` with a tensor) and the log-probabilities, then one read-back of
-``k + 3`` numbers. Eager, the same round is a few hundred launches and several host syncs, each
-launch-bound: many times the one graph-replayed decode step that cloud-only decoding pays per token.
-A sampling round replays the forward pass alone (the default body) and accepts and rolls back on the
-host, since its rejection rule draws from the session's own generator.
+:func:`greedy_round`, one graph per chunk length captured at warm-up), then one read-back of ``k + 3``
+numbers. With the fused decode kernels (no autocast, one sequence, k + 1 <= ``SHORT_CHUNK_MAX``) the
+replay is the decode step's kernels run over the chunk's positions: per layer the norm + in_proj with
+the chunk's causal conv in its epilogue, a scan over the positions (``kernels.ssd_chunk_triton``) and
+the gated norm + out_proj; then one kernel for the acceptance and the log-probabilities
+(``kernels.greedy_accept_triton``: argmax, first mismatch, log-softmax) and one for the rollback of
+every layer (``InferenceCache.rewind_states``, ``kernels.rewind_select_triton``), the accepted length
+never leaving the device. Elsewhere (autocast, batches, longer chunks) the forward pass is the chunked
+path (mamba-ssm's chunked scan), the acceptance PyTorch ops, the rollback one Triton kernel per layer
+(``kernels.ssd_rewind_triton``). A sampling round replays the forward pass alone (the default body)
+and accepts and rolls back on the host, since its rejection rule draws from the session's own
+generator; so does every round on the CPU, without graphs.
 
-Rollback uses what the verification pass recorded (``keep_states``), not a second pass: per layer
-the scan's inputs for the chunk (x, dt, B: a few KB for k + 1 tokens), the conv window and the SSM
-state before the chunk. ``cache.rewind(n + 1)`` computes the one state it needs in closed form
-(``matmamba.kernels.ssd_state_after``, a single small einsum per layer) and cuts the conv window;
-with every draft accepted nothing is computed. Recomputing the accepted prefix instead would cost a
-second forward pass on every round with a rejection, i.e. up to twice the cloud passes this feature
-exists to save; storing the state after every position would cost k + 1 states per layer (0.8 MB
-each for the shipped LM) and their computation, of which only one is ever used.
+Rollback uses what the verification pass recorded (``keep_states``), not a second pass; recomputing
+the accepted prefix instead would cost a second forward pass on every round with a rejection, i.e. up
+to twice the cloud passes this feature exists to save. What is recorded depends on the path:
+
+- *short chunk*: the state after every position (checkpointed, 128 KB a position and layer for the
+  shipped LM). The scan kernel holds each of them in registers as it goes, so storing them costs a
+  write, and the rollback is a copy of the kept position's state and conv window;
+- *chunked scan*: per layer the scan's inputs for the chunk (x, dt, B: a few KB for k + 1 tokens), the
+  conv window and the SSM state before the chunk; ``cache.rewind(n + 1)`` computes the one state it
+  needs in closed form (``matmamba.kernels.ssd_state_after``, one small einsum per layer; on the
+  device ``ssd_rewind_triton``). mamba-ssm's chunked scan returns the final state only, so states
+  per position would be a second computation there.
+
+With every draft accepted neither path computes anything for the rollback.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from matmamba import kernels
 from matmamba.backbone import InferenceCache
 from matmamba.generation import SamplingParams, sampling_probs
 from proto import matmamba_pb2 as pb
@@ -230,6 +242,10 @@ def greedy_round(model: torch.nn.Module, ids: torch.Tensor, widths: tuple[int, .
     k - n unused entries]. Same arithmetic as ``accept_drafts`` with greedy params, then ``rewind(n + 1)``.
     """
     logits = model.forward_unchecked(ids, widths, cache, keep_states=True)[0].float()  # (k+1, V)
+    if kernels.use_greedy_accept(logits):
+        out, keep = kernels.greedy_accept_triton(logits, ids[0])
+        cache.rewind_states(keep)
+        return out
     target = logits.argmax(-1)  # (k+1,)
     draft = ids[0, 1:]
     n = torch.cumprod(target[:-1] == draft, dim=0).sum()  # leading matches; 0-dim int64

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .block import BlockState, MatMamba2
 from .config import ModelConfig
 from .nesting import parse_widths
@@ -65,7 +66,15 @@ class InferenceCache:
 
     def rewind_states(self, keep: int | torch.Tensor) -> None:
         """``rewind`` of the layers' states only, ``seqlen`` left to the caller: with ``keep`` a 0-dim int64
-        tensor on the device (see ``BlockState.rewind``), as a CUDA graph that decides it on the device does."""
+        tensor on the device (see ``BlockState.rewind``), as a CUDA graph that decides it on the device does.
+        After a short chunk (``NestedStack._short_chunk``) of a stacked cache that is one launch for every layer."""
+        traces = [state.trace for state in self.states]
+        if isinstance(keep, torch.Tensor) and all(t is not None and t.states is not None for t in traces):
+            kernels.rewind_select_triton([s.ssm for s in self.states], [t.states for t in traces],
+                                         [s.conv for s in self.states], [t.conv_window for t in traces], keep)
+            for state in self.states:
+                state.trace = None
+            return
         for state in self.states:
             state.rewind(keep)
 
@@ -89,13 +98,20 @@ class NestedStack(nn.Module):
 
     def allocate_cache(self, batch: int, widths: tuple[int, ...], device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> InferenceCache:
+        """Zero states per layer; at one width for all layers, views of one stacked conv and one stacked SSM tensor
+        (so that kernels can treat every layer in one launch: `kernels.rewind_select_triton`)."""
         states = [layer.mixer.allocate_state(batch, w, device, dtype) for layer, w in zip(self.layers, widths)]
+        if len(set(widths)) == 1:
+            conv, ssm = torch.stack([s.conv for s in states]), torch.stack([s.ssm for s in states])
+            states = [BlockState(conv[i], ssm[i], s.width) for i, s in enumerate(states)]
         return InferenceCache(states=states, widths=widths)
 
     def forward(self, h: torch.Tensor, widths: tuple[int, ...], cache: InferenceCache | None = None,
                 keep_states: bool = False) -> torch.Tensor:
         if cache is not None and cache.widths != widths:
             raise ValueError(f"cache was allocated for widths {cache.widths}, the call uses {widths}")
+        if keep_states and cache is not None and self._short_chunk_ok(h, widths):
+            return self._short_chunk(h[0], cache)[None]
         if self.config.residual_in_fp32:
             h = h.float()
         for i, layer in enumerate(self.layers):
@@ -103,6 +119,28 @@ class NestedStack(nn.Module):
         if cache is not None:
             cache.seqlen += h.shape[1]
         return h
+
+    def _short_chunk_ok(self, h: torch.Tensor, widths: tuple[int, ...]) -> bool:
+        return h.shape[0] == 1 and all(layer.mixer.short_chunk_ok(h[0], w) for layer, w in zip(self.layers, widths))
+
+    def _short_chunk(self, h: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """A short chunk of one sequence with ``keep_states`` (speculative verification), h (L, d_model) -> the
+        residual stream after the last layer, (L, d_model): `step`'s kernels over L positions at once
+        (`MatMamba2.chunk_prenorm`), where the chunked path would run mamba-ssm's chunked scan, several kernels
+        a layer, for a handful of tokens."""
+        length, states = h.shape[0], cache.states
+        windows = traces = [None] * len(states)
+        if kernels.layer_stride([s.ssm for s in states]) is not None:  # trace buffers stacked as the cache is
+            conv, ssm = states[0].conv, states[0].ssm
+            windows = torch.empty(len(states), 1, conv.shape[1], conv.shape[2] + length, device=h.device,
+                                  dtype=conv.dtype)
+            traces = torch.empty(len(states), length, *ssm.shape, device=h.device, dtype=torch.float32)
+        residual = None
+        for layer, state, window, trace in zip(self.layers, states, windows, traces):
+            h, residual = layer.mixer.chunk_prenorm(h, residual, layer.norm, self.config.residual_in_fp32, state,
+                                                    window, trace)
+        cache.seqlen += length
+        return residual + h.to(residual.dtype)
 
     def step(self, h: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """One token per sequence, (batch, d_model) -> (batch, d_model): the residual stream after the last

@@ -23,16 +23,20 @@ class StateTrace:
     """
 
     conv_window: torch.Tensor  # (batch, conv_dim, d_conv + L): the conv state before the chunk, then its L inputs
-    ssm_before: torch.Tensor  # (batch, nheads, headdim, d_state) fp32: the SSM state before the chunk
-    x: torch.Tensor  # (batch, L, nheads, headdim): the scan's inputs
-    dt: torch.Tensor  # (batch, L, nheads), raw (before dt_bias and softplus)
-    B: torch.Tensor  # (batch, L, ngroups, d_state)
-    A: torch.Tensor  # (nheads,)
-    dt_bias: torch.Tensor  # (nheads,)
+    # The chunked path (mamba-ssm's scan) keeps the scan's inputs and the state before the chunk:
+    ssm_before: torch.Tensor | None = None  # (batch, nheads, headdim, d_state) fp32: the SSM state before the chunk
+    x: torch.Tensor | None = None  # (batch, L, nheads, headdim): the scan's inputs
+    dt: torch.Tensor | None = None  # (batch, L, nheads), raw (before dt_bias and softplus)
+    B: torch.Tensor | None = None  # (batch, L, ngroups, d_state)
+    A: torch.Tensor | None = None  # (nheads,)
+    dt_bias: torch.Tensor | None = None  # (nheads,)
+    # ... the short-chunk path (`MatMamba2.chunk_prenorm`) the state after every position, which its scan kernel
+    # has in registers anyway: (L, batch, nheads, headdim, d_state) fp32, 128 KB a position for the shipped LM.
+    states: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
-        return self.x.shape[1]
+        return self.states.shape[0] if self.states is not None else self.x.shape[1]
 
 
 @dataclass
@@ -76,6 +80,9 @@ class BlockState:
         if keep == trace.length:  # the state is already at the end of the chunk
             return
         self.conv.copy_(trace.conv_window[:, :, keep:keep + d_conv])
+        if trace.states is not None:
+            self.ssm.copy_(trace.states[keep - 1])
+            return
         self.ssm.copy_(kernels.ssd_state_after(trace.x, trace.dt, trace.A, trace.B, trace.dt_bias, trace.ssm_before,
                                                keep))
 
@@ -84,6 +91,9 @@ class BlockState:
         if keep.dim() != 0 or keep.dtype != torch.int64:
             raise TypeError(f"a tensor keep must be 0-dim int64, got {keep.dtype} of shape {tuple(keep.shape)}")
         self.trace = None
+        if trace.states is not None:  # one kernel: copies of what the chunk recorded
+            kernels.rewind_select_triton([self.ssm], [trace.states], [self.conv], [trace.conv_window], keep)
+            return
         d_conv = self.conv.shape[-1]
         window = keep + torch.arange(d_conv, device=keep.device)  # (d_conv,) positions in the conv window
         self.conv.copy_(trace.conv_window.index_select(2, window))
@@ -303,6 +313,38 @@ class MatMamba2(nn.Module):
             return self._step(zxbcdt, s, state, conv_done=True), residual
         normed, residual = kernels.add_rmsnorm(h, residual, norm, residual_in_fp32)
         return self._step(kernels.decode_linear(normed, s.in_proj_w, s.in_proj_b), s, state), residual
+
+    def short_chunk_ok(self, h: torch.Tensor, width: int) -> bool:
+        """Whether `chunk_prenorm` runs on a chunk h (L, d_model) at this width (`kernels.use_short_chunk`, one norm
+        group with the gate before the norm, as `gated_gemv_triton` takes it)."""
+        s = self.slices(width)
+        return (s.dims.ngroups == 1 and not self.config.norm_before_gate and h.dtype == s.out_proj_w.dtype
+                and kernels.use_short_chunk(h, s.in_proj_w) and kernels.use_short_chunk(h, s.out_proj_w))
+
+    def chunk_prenorm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: nn.RMSNorm, residual_in_fp32: bool,
+                      state: BlockState, window: torch.Tensor | None = None,
+                      states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step_prenorm` over a short chunk of one sequence: h (L, d_model), the L positions in order, from
+        ``state``; updates it to the end of the chunk and records the state after every position in its trace
+        (``keep_states``), for `BlockState.rewind`. Three kernels, as a decode step's: the add + norm + in_proj with
+        the chunk's causal conv in its epilogue (`kernels.ConvChunk`), the scan over the positions
+        (`kernels.ssd_chunk_triton`), the gated norm + out_proj. Where `short_chunk_ok` says so. ``window``
+        (1, conv_dim, d_conv + L) and ``states`` (L, *state.ssm.shape) fp32: buffers for the trace (allocated here
+        when None)."""
+        s = self.slices(state.width)
+        d = s.dims
+        length = h.shape[0]
+        if window is None:
+            window = torch.empty(1, d.conv_dim, d.d_conv + length, device=h.device, dtype=state.conv.dtype)
+        conv = kernels.ConvChunk(state.conv, s.conv_w, s.conv_b, d.d_inner, window)
+        zxbcdt, residual = kernels.add_rmsnorm_gemv_triton(h, residual, norm.weight, norm.eps, residual_in_fp32,
+                                                          s.in_proj_w, s.in_proj_b, conv)
+        z, xbc, dt = torch.split(zxbcdt, [d.d_inner, d.conv_dim, d.nheads], dim=-1)
+        if states is None:
+            states = torch.empty(length, *state.ssm.shape, device=h.device, dtype=torch.float32)
+        y = kernels.ssd_chunk_triton(state.ssm, xbc, dt, s.A, s.D, s.dt_bias, d.ngroups, states)
+        state.trace = StateTrace(window, states=states)
+        return kernels.gated_gemv_triton(y, z, s.norm_w, self.config.norm_eps, s.out_proj_w, s.out_proj_b), residual
 
     def _step(self, zxbcdt: torch.Tensor, s: BlockSlices, state: BlockState, conv_done: bool = False) -> torch.Tensor:
         """The rest of a decode step after in_proj: zxbcdt (batch, 2*di + d_bc + h) -> (batch, d_model).

@@ -198,6 +198,9 @@ def conv_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.
 # are latency-bound. The Triton GEMV below tiles N finely instead: N / 4 programs, >= 160 at the decode shapes.
 # The tiling and the rule are from bench/gemv_bench.py on an H200 (docs/results/gpu/gemv_bench.log).
 GEMV_MAX_BATCH = 8  # the kernel keeps every sequence's partial sums in registers; wider batches are GEMMs
+# Positions of a short chunk (speculative verification: the pending token and up to 16 drafts) that the normed
+# GEMV and the chunk scan take as one tile; the GEMV's tile shortens its K step to fit (`gemv_config`).
+SHORT_CHUNK_MAX = 32
 GEMV_BLOCK_N = 4  # rows per program: within ~5% of the best swept tiling at every decode shape, batch 1
 # K per step (batch 1): one step when K fits (the swept optimum), else 2048 when it divides K, else 1024
 # (a 2048 step with a half-masked tail measured up to 25% slower at K = 2560 and 5120).
@@ -244,6 +247,18 @@ def use_triton_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.is_autocast_enabled() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return False
     return _gemv_mode == "triton" or weight.shape[0] <= GEMV_MAX_ROWS
+
+
+def use_short_chunk(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a short chunk x (L, K) of one sequence runs a decode step's kernels over its positions against this
+    projection weight (`MatMamba2.chunk_prenorm`): "fused" mode, L <= SHORT_CHUNK_MAX, operands the Triton GEMV
+    takes (any number of weight rows: one launch for the chunk either way)."""
+    if _gemv_mode != "fused" or not x.is_cuda or x.dim() != 2 or not 1 <= x.shape[0] <= SHORT_CHUNK_MAX:
+        return False
+    if x.dtype != weight.dtype or x.dtype not in GEMV_DTYPES or weight.stride(-1) != 1 or x.stride(-1) != 1:
+        return False
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return not torch.is_autocast_enabled() and not grad
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -379,15 +394,18 @@ def _normed_gemv_kernel():
     (docs/results/gpu/decode_profile_two_pass_norm.log). With CONV_WIDTH > 0 (in_proj), the programs that own
     the conv's channels (rows conv_lo .. conv_lo + channels) also run the conv step on them in the epilogue, as
     `_conv_step_kernel` would in a launch of its own: shift the state, append the projection rounded as stored,
-    dot with the weights, bias, SiLU; each channel has one owner, so no two programs touch a state row."""
+    dot with the weights, bias, SiLU; each channel has one owner, so no two programs touch a state row. With
+    CONV_CHUNK the rows of the tile are the positions of one sequence's short chunk (`ConvChunk`): the owners run
+    the causal conv along them from the state before the chunk, write the window and leave the state after it."""
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["batch", "n", "o_b"])
     def kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, v_out_ptr, batch, n, k, a_b, b_b, w_n, o_b, vo_b, eps,
-               cs_ptr, cw_ptr, cb_ptr, conv_lo, channels, cs_b, cs_c, cs_w, cw_c, cw_w,
+               cs_ptr, cw_ptr, cb_ptr, conv_lo, channels, cs_b, cs_c, cs_w, cw_c, cw_w, win_ptr, win_c,
                GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_WIDTH: tl.constexpr,
-               HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               CONV_CHUNK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         seqs = tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_K)
@@ -418,7 +436,34 @@ def _normed_gemv_kernel():
         out = tl.sum(acc, axis=2) * rstd[:, None]  # (BLOCK_B, BLOCK_N)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        if CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels: `_conv_step_kernel` on them, in the epilogue
+        if CONV_CHUNK:  # the tile's sequences are the positions of one sequence's chunk: `ConvChunk`
+            ch = rows - conv_lo
+            is_conv = row_mask & (ch >= 0) & (ch < channels)
+            cmask = seq_mask[:, None] & is_conv[None, :]
+            raw = tl.where(cmask, out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty), 0.0)  # as stored
+            # position t reads inputs t - CONV_WIDTH + 1 .. t: input s of the chunk with tap s - t + CONV_WIDTH - 1
+            tap = seqs[None, :] - seqs[:, None] + CONV_WIDTH - 1  # (t, s)
+            taps = (tap >= 0) & (tap < CONV_WIDTH)
+            tap_w = tl.load(cw_ptr + ch[None, None, :] * cw_c + tap[:, :, None] * cw_w,
+                            mask=taps[:, :, None] & is_conv[None, None, :], other=0.0)  # (t, s, BLOCK_N)
+            conv = tl.sum(tap_w.to(tl.float32) * raw.to(tl.float32)[None, :, :], axis=1)  # (BLOCK_B, BLOCK_N)
+            window = win_ptr + ch[None, :] * win_c
+            for j in tl.static_range(CONV_WIDTH):  # the state's column j holds position j - CONV_WIDTH
+                old = tl.load(cs_ptr + ch * cs_c + j * cs_w, mask=is_conv, other=0.0)  # (BLOCK_N,)
+                tl.store(win_ptr + ch * win_c + j, old, mask=is_conv)
+                tap_j = j - seqs - 1  # (BLOCK_B,)
+                w_j = tl.load(cw_ptr + ch[None, :] * cw_c + tap_j[:, None] * cw_w,
+                              mask=(tap_j >= 0)[:, None] & is_conv[None, :], other=0.0)
+                conv += w_j.to(tl.float32) * old.to(tl.float32)[None, :]
+            tl.store(window + (CONV_WIDTH + seqs)[:, None], raw, mask=cmask)
+            tl.debug_barrier()  # the window is whole: the new state is its last CONV_WIDTH columns
+            for j in tl.static_range(CONV_WIDTH):
+                tl.store(cs_ptr + ch * cs_c + j * cs_w, tl.load(win_ptr + ch * win_c + batch + j, mask=is_conv),
+                         mask=is_conv)
+            if HAS_CONV_BIAS:
+                conv += tl.load(cb_ptr + ch, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+            out = tl.where(is_conv[None, :], conv * tl.sigmoid(conv), out)
+        elif CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels: `_conv_step_kernel` on them, in the epilogue
             ch = rows - conv_lo
             is_conv = row_mask & (ch >= 0) & (ch < channels)
             cmask = seq_mask[:, None] & is_conv[None, :]
@@ -454,26 +499,47 @@ class ConvStep:
     first_row: int
 
 
+@dataclass(frozen=True)
+class ConvChunk:
+    """The depthwise causal conv over a short chunk of one sequence, for `add_rmsnorm_gemv_triton` to run on
+    in_proj's rows ``first_row ..`` when the projection's rows (its "batch") are the chunk's L positions: state
+    (1, channels, width), the conv state before the chunk, left as the state after it; weight (channels, width);
+    bias (channels,) or None; window (1, channels, width + L), written: the state before, then the chunk's inputs
+    (what `BlockState.rewind` cuts the conv state from, as the chunked path's `StateTrace.conv_window`)."""
+    state: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    first_row: int
+    window: torch.Tensor
+
+
 def _normed_gemv(a: torch.Tensor, b: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  bias: torch.Tensor | None, gated: bool, v_out: torch.Tensor | None,
-                 conv: ConvStep | None = None) -> torch.Tensor:
+                 conv: ConvStep | ConvChunk | None = None) -> torch.Tensor:
     batch, k = a.shape
     n = weight.shape[0]
-    assert batch <= GEMV_MAX_BATCH and weight.shape[1] == k and norm_weight.shape == (k,)
+    assert batch <= SHORT_CHUNK_MAX and weight.shape[1] == k and norm_weight.shape == (k,)
     assert a.stride(-1) == 1 and weight.stride(-1) == 1 and (b is None or (b.shape == a.shape and b.stride(-1) == 1))
     block_b, block_n, block_k = gemv_config(batch, k)
     out = torch.empty(batch, n, device=a.device, dtype=a.dtype)
-    conv_args: tuple = (out, out, out, 0, 0, 0, 0, 0, 0, 0)
+    conv_args: tuple = (out, out, out, 0, 0, 0, 0, 0, 0, 0, out, 0)
+    chunk = isinstance(conv, ConvChunk)
     if conv is not None:
         channels, width = conv.weight.shape
-        assert conv.state.shape == (batch, channels, width) and conv.first_row + channels <= n
+        rows = 1 if chunk else batch
+        assert conv.state.shape == (rows, channels, width) and conv.first_row + channels <= n
+        window = (out, 0)
+        if chunk:
+            assert conv.window.shape == (1, channels, width + batch) and conv.window.stride(-1) == 1
+            assert conv.window.dtype == conv.state.dtype
+            window = (conv.window, conv.window.stride(1))
         conv_args = (conv.state, conv.weight, conv.weight if conv.bias is None else conv.bias, conv.first_row,
-                     channels, *conv.state.stride(), *conv.weight.stride())
+                     channels, *conv.state.stride(), *conv.weight.stride(), *window)
     _normed_gemv_kernel()[(-(-n // block_n),)](
         a, a if b is None else b, norm_weight, weight, weight if bias is None else bias, out,
         out if v_out is None else v_out, batch, n, k, a.stride(0), 0 if b is None else b.stride(0), weight.stride(0),
         out.stride(0), 0 if v_out is None else v_out.stride(0), eps, *conv_args, GATED=gated, HAS_B=b is not None,
-        HAS_BIAS=bias is not None, CONV_WIDTH=0 if conv is None else conv.weight.shape[1],
+        HAS_BIAS=bias is not None, CONV_WIDTH=0 if conv is None else conv.weight.shape[1], CONV_CHUNK=chunk,
         HAS_CONV_BIAS=conv is not None and conv.bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
     return out
@@ -488,11 +554,12 @@ def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tenso
 
 def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                             residual_in_fp32: bool, weight: torch.Tensor, bias: torch.Tensor | None,
-                            conv: ConvStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K) and residual (or None, the
-    first layer) with contiguous rows; weight (N, K) with contiguous rows; the conv step (`ConvStep`) in its
-    epilogue when given. Tiled as `gemv_triton`. CUDA-graph capturable. Returns (the projection (batch, N) in
-    x's dtype, the new residual (batch, K))."""
+                            conv: ConvStep | ConvChunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K; or a short chunk's
+    positions, <= SHORT_CHUNK_MAX) and residual (or None, the first layer) with contiguous rows; weight (N, K) with
+    contiguous rows; the conv step (`ConvStep`) or a chunk's conv (`ConvChunk`, x's rows then being one sequence's
+    positions) in its epilogue when given. Tiled as `gemv_triton`. CUDA-graph capturable. Returns (the projection
+    (batch, N) in x's dtype, the new residual (batch, K))."""
     residual_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
     return _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out, conv), residual_out
 
@@ -649,6 +716,216 @@ def ssd_rewind_triton(state: torch.Tensor, initial_states: torch.Tensor, x: torc
         *state.stride(), *initial_states.stride(), *x.stride(), *dt.stride(), *B.stride(),
         HEADS_PER_GROUP=heads // groups, ROWS=REWIND_ROWS, STATE=triton.next_power_of_2(d_state),
         SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
+
+
+@functools.cache
+def _chunk_scan_kernel():
+    """`ssd_step` over the positions of one sequence's short chunk in one launch, recording the state after every
+    position: one program per (head, block of rows) holds its ROWS x d_state slice of the state in registers and
+    steps through the positions (the same arithmetic, in the same order, as mamba-ssm's selective state update),
+    storing y and the state after each position, then the final state over the initial one. The steps are
+    unrolled without branches (positions past the chunk are masked, with dt = 0: no decay, no input), so every
+    step's loads can be issued ahead of the recurrence; the first version picked each step's row out of tiles
+    loaded up front with a reduction per operand, and its round graphs grew ~1.7 us a step (an H200)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(state_ptr, states_ptr, xbc_ptr, dt_ptr, y_ptr, a_ptr, d_ptr, dt_bias_ptr, length, rows, d_state,
+               b_col, c_col, xbc_t, dt_t, y_t, st_t,
+               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, BLOCK_T: tl.constexpr,
+               SOFTPLUS_ABOVE: tl.constexpr):
+        head, block = tl.program_id(0), tl.program_id(1)
+        p = block * ROWS + tl.arange(0, ROWS)
+        n = tl.arange(0, STATE)
+        p_mask, n_mask = p < rows, n < d_state
+        group = head // HEADS_PER_GROUP
+        a = tl.load(a_ptr + head).to(tl.float32)
+        skip = tl.load(d_ptr + head).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+        pn = p[:, None] * d_state + n[None, :]  # offsets in a (rows, d_state) head of a contiguous state
+        mask = p_mask[:, None] & n_mask[None, :]
+        head_off = head * rows * d_state
+        state = tl.load(state_ptr + head_off + pn, mask=mask, other=0.0)
+        for i in tl.static_range(BLOCK_T):
+            live_p = p_mask & ((p * 0 + i) < length)  # (ROWS,): this row, at a position of the chunk
+            live_n = n_mask & ((n * 0 + i) < length)
+            row = xbc_ptr + i * xbc_t
+            x_i = tl.load(row + head * rows + p, mask=live_p, other=0.0).to(tl.float32)  # (ROWS,)
+            b_i = tl.load(row + b_col + group * d_state + n, mask=live_n, other=0.0).to(tl.float32)  # (STATE,)
+            c_i = tl.load(row + c_col + group * d_state + n, mask=live_n, other=0.0).to(tl.float32)
+            dt_i = tl.load(dt_ptr + i * dt_t + head + p * 0, mask=live_p, other=0.0).to(tl.float32) + dt_bias
+            dt_i = tl.where(live_p, tl.where(dt_i <= SOFTPLUS_ABOVE, tl.log(1.0 + tl.exp(dt_i)), dt_i), 0.0)
+            state = state * tl.exp(a * dt_i)[:, None] + b_i[None, :] * dt_i[:, None] * x_i[:, None]
+            y_i = tl.sum(state * c_i[None, :], axis=1) + x_i * skip
+            tl.store(y_ptr + i * y_t + head * rows + p, y_i.to(y_ptr.dtype.element_ty), mask=live_p)
+            tl.store(states_ptr + i * st_t + head_off + pn, state, mask=mask & live_p[:, None])
+        tl.store(state_ptr + head_off + pn, state, mask=mask)
+
+    return kernel
+
+
+def ssd_chunk_triton(state: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                     dt_bias: torch.Tensor, ngroups: int, states: torch.Tensor) -> torch.Tensor:
+    """`ssd_step` over each of a short chunk's positions (one sequence), as one Triton kernel.
+
+    state (1, h, p, n) fp32, contiguous: the state before the chunk, left as the state after it; xbc (L, d_inner +
+    2 * ngroups * n) after the conv, with contiguous rows (x, then B, then C); dt (L, h) raw, contiguous rows;
+    A, D, dt_bias (h,); states (L, 1, h, p, n) fp32 contiguous, written: the state after every position (what
+    `BlockState.rewind` returns to). Returns y (L, h * p) in xbc's dtype. CUDA-graph capturable."""
+    import triton
+
+    length = xbc.shape[0]
+    _, heads, rows, d_state = state.shape
+    assert length <= SHORT_CHUNK_MAX and state.is_contiguous() and states.is_contiguous()
+    assert states.shape == (length, *state.shape) and xbc.stride(-1) == 1 and dt.stride(-1) == 1
+    assert xbc.shape[1] == heads * rows + 2 * ngroups * d_state and dt.shape == (length, heads)
+    y = torch.empty(length, heads * rows, device=xbc.device, dtype=xbc.dtype)
+    b_col = heads * rows
+    grid = (heads, triton.cdiv(rows, REWIND_ROWS))
+    _chunk_scan_kernel()[grid](
+        state, states, xbc, dt, y, A, D, dt_bias, length, rows, d_state, b_col, b_col + ngroups * d_state,
+        xbc.stride(0), dt.stride(0), y.stride(0), states.stride(0), HEADS_PER_GROUP=heads // ngroups, ROWS=REWIND_ROWS,
+        STATE=triton.next_power_of_2(d_state), BLOCK_T=triton.next_power_of_2(length),
+        SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
+    return y
+
+
+# Elements per program of `rewind_select_triton`.
+SELECT_BLOCK = 1024
+
+
+@functools.cache
+def _rewind_select_kernel():
+    """`BlockState.rewind` to position ``keep`` of a chunk whose every state was recorded (`ssd_chunk_triton`),
+    ``keep`` read on the device: the SSM state is a copy of the recorded state after position keep - 1, the conv
+    state the window's columns keep .. keep + width. One launch for both, and for every layer at once where the
+    layers' tensors lie at one stride apart (program axis 1: the layer)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(ssm_ptr, states_ptr, conv_ptr, window_ptr, keep_ptr, ssm_numel, conv_numel, st_t, width, win_c,
+               conv_c, ssm_l, st_l, conv_l, win_l, BLOCK: tl.constexpr):
+        keep = tl.load(keep_ptr)
+        layer = tl.program_id(1)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ssm_mask = i < ssm_numel
+        src = states_ptr + layer * st_l + (keep - 1) * st_t + i
+        tl.store(ssm_ptr + layer * ssm_l + i, tl.load(src, mask=ssm_mask), mask=ssm_mask)
+        conv_mask = i < conv_numel
+        c, j = i // width, i % width
+        src = window_ptr + layer * win_l + c * win_c + keep + j
+        tl.store(conv_ptr + layer * conv_l + c * conv_c + j, tl.load(src, mask=conv_mask), mask=conv_mask)
+
+    return kernel
+
+
+def layer_stride(tensors: list[torch.Tensor]) -> int | None:
+    """The element stride between equally shaped tensors that lie at one stride apart in one allocation (views
+    of a stacked tensor, in order), else None."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride() for t in tensors):
+        return None
+    if len(tensors) == 1:
+        return 0
+    size = first.element_size()
+    step = tensors[1].data_ptr() - first.data_ptr()
+    if step <= 0 or step % size:
+        return None
+    if any(t.data_ptr() - first.data_ptr() != i * step for i, t in enumerate(tensors)):
+        return None
+    return step // size
+
+
+def rewind_select_triton(ssm: list[torch.Tensor], states: list[torch.Tensor], conv: list[torch.Tensor],
+                         window: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Per layer i: ssm[i] (1, h, p, n) = states[i][keep - 1]; conv[i] (1, channels, width) =
+    window[i][:, :, keep:keep + width]; ``keep`` a 0-dim int64 tensor on their device in 1..L. The tensors'
+    rows contiguous. One launch where each list's tensors lie at one stride apart (`layer_stride`), else one per
+    layer. CUDA-graph capturable."""
+    import triton
+
+    strides = [layer_stride(group) for group in (ssm, states, conv, window)]
+    if len(ssm) > 1 and None in strides:
+        for args in zip(ssm, states, conv, window):
+            rewind_select_triton(*([t] for t in args), keep)
+        return
+    first_ssm, first_states, first_conv, first_window = ssm[0], states[0], conv[0], window[0]
+    assert first_ssm.is_contiguous() and first_states.is_contiguous() and first_states.shape[1:] == first_ssm.shape
+    assert first_conv.shape[0] == first_window.shape[0] == 1 and first_window.stride(-1) == 1
+    assert first_conv.stride(-1) == 1
+    numel = max(first_ssm.numel(), first_conv.numel())
+    _rewind_select_kernel()[(triton.cdiv(numel, SELECT_BLOCK), len(ssm))](
+        first_ssm, first_states, first_conv, first_window, keep, first_ssm.numel(), first_conv.numel(),
+        first_states.stride(0), first_conv.shape[-1], first_window.stride(1), first_conv.stride(1), *strides,
+        BLOCK=SELECT_BLOCK)
+
+
+# Vocabulary columns per step of `greedy_accept_triton`'s online softmax.
+ACCEPT_BLOCK_V = 512
+
+
+@functools.cache
+def _greedy_accept_kernel():
+    """A greedy verification round's decision in one program: per row of the chunk's logits the argmax (first
+    of equal maxima, as torch.argmax) and the log-probability of it (an online log-sum-exp over the vocabulary
+    in blocks), then the drafts equal to the argmax up to the first mismatch."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(logits_ptr, ids_ptr, out_ptr, keep_ptr, length, vocab, l_t, BLOCK_T: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+        t = tl.arange(0, BLOCK_T)
+        t_mask = t < length
+        best = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_T], dtype=tl.float32)
+        arg = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for v0 in range(0, vocab, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(logits_ptr + t[:, None] * l_t + v[None, :], mask=t_mask[:, None] & (v < vocab)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            x = tl.where(t_mask[:, None], x, 0.0)
+            block_best = tl.max(x, axis=1)
+            block_arg = tl.argmax(x, axis=1).to(tl.int32) + v0
+            new_best = tl.maximum(best, block_best)
+            total = total * tl.exp(best - new_best) + tl.sum(tl.exp(x - new_best[:, None]), axis=1)
+            arg = tl.where(block_best > best, block_arg, arg)
+            best = new_best
+        draft = tl.load(ids_ptr + 1 + t, mask=t < length - 1, other=-1)
+        match = (arg.to(tl.int64) == draft) & (t < length - 1)
+        accepted = tl.min(tl.where(match, BLOCK_T, t), axis=0)  # leading matches
+        token = tl.sum(tl.where(t == accepted, arg, 0), axis=0)
+        tl.store(out_ptr, accepted.to(tl.float64))
+        tl.store(out_ptr + 1, token.to(tl.float64))
+        tl.store(out_ptr + 2 + t, (-tl.log(total)).to(tl.float64), mask=t_mask)
+        tl.store(keep_ptr, accepted.to(tl.int64) + 1)
+
+    return kernel
+
+
+def use_greedy_accept(logits: torch.Tensor) -> bool:
+    """Whether `greedy_accept_triton` takes a round's logits (L, V): "fused" mode, fp32 CUDA, L <= SHORT_CHUNK_MAX."""
+    return (_gemv_mode == "fused" and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[0] <= SHORT_CHUNK_MAX and logits.stride(-1) == 1)
+
+
+def greedy_accept_triton(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (L, V) fp32 with contiguous rows, row i the full model's logits after ids[i]; ids (L,) int64 =
+    [pending, d_1 .. d_{L-1}]. Returns (out (L + 2,) float64 = [n, next token, log-probability of each row's argmax]
+    with n the drafts equal to the argmax before the first mismatch, keep (0-dim int64) = n + 1). Row i < n's
+    argmax is d_{i+1} and row n's is the next token: the first n + 1 log-probabilities are those of the emitted
+    tokens. One launch, CUDA-graph capturable; the twin of ``cloud.speculative.accept_drafts`` for greedy params."""
+    import triton
+
+    length, vocab = logits.shape
+    assert length <= SHORT_CHUNK_MAX and logits.stride(-1) == 1 and ids.shape == (length,)
+    out = torch.empty(length + 2, device=logits.device, dtype=torch.float64)
+    keep = torch.empty((), device=logits.device, dtype=torch.int64)
+    _greedy_accept_kernel()[(1,)](logits, ids, out, keep, length, vocab, logits.stride(0),
+                                  BLOCK_T=triton.next_power_of_2(length), BLOCK_V=ACCEPT_BLOCK_V)
+    return out, keep
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

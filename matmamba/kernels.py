@@ -724,16 +724,18 @@ def _chunk_scan_kernel():
     position: one program per (head, block of rows) holds its ROWS x d_state slice of the state in registers and
     steps through the positions (the same arithmetic, in the same order, as mamba-ssm's selective state update),
     storing y and the state after each position, then the final state over the initial one. The steps are
-    unrolled without branches (positions past the chunk are masked, with dt = 0: no decay, no input), so every
-    step's loads can be issued ahead of the recurrence; the first version picked each step's row out of tiles
-    loaded up front with a reduction per operand, and its round graphs grew ~1.7 us a step (an H200)."""
+    unrolled for the chunk's exact length (one compile per length), and each position's operands are loaded two
+    steps ahead of its own, before the stores of the steps in between, so the loads' latency overlaps the
+    recurrence instead of following each step's stores. Earlier versions: operand tiles loaded up
+    front with a reduction per operand to pick each step's row (round graphs grew ~1.7 us a step on an H200),
+    then each step's loads right before it, over the chunk's length rounded up to a power of two."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(state_ptr, states_ptr, xbc_ptr, dt_ptr, y_ptr, a_ptr, d_ptr, dt_bias_ptr, length, rows, d_state,
+    def kernel(state_ptr, states_ptr, xbc_ptr, dt_ptr, y_ptr, a_ptr, d_ptr, dt_bias_ptr, rows, d_state,
                b_col, c_col, xbc_t, dt_t, y_t, st_t,
-               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, BLOCK_T: tl.constexpr,
+               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, LENGTH: tl.constexpr,
                SOFTPLUS_ABOVE: tl.constexpr):
         head, block = tl.program_id(0), tl.program_id(1)
         p = block * ROWS + tl.arange(0, ROWS)
@@ -747,19 +749,25 @@ def _chunk_scan_kernel():
         mask = p_mask[:, None] & n_mask[None, :]
         head_off = head * rows * d_state
         state = tl.load(state_ptr + head_off + pn, mask=mask, other=0.0)
-        for i in tl.static_range(BLOCK_T):
-            live_p = p_mask & ((p * 0 + i) < length)  # (ROWS,): this row, at a position of the chunk
-            live_n = n_mask & ((n * 0 + i) < length)
-            row = xbc_ptr + i * xbc_t
-            x_i = tl.load(row + head * rows + p, mask=live_p, other=0.0).to(tl.float32)  # (ROWS,)
-            b_i = tl.load(row + b_col + group * d_state + n, mask=live_n, other=0.0).to(tl.float32)  # (STATE,)
-            c_i = tl.load(row + c_col + group * d_state + n, mask=live_n, other=0.0).to(tl.float32)
-            dt_i = tl.load(dt_ptr + i * dt_t + head + p * 0, mask=live_p, other=0.0).to(tl.float32) + dt_bias
-            dt_i = tl.where(live_p, tl.where(dt_i <= SOFTPLUS_ABOVE, tl.log(1.0 + tl.exp(dt_i)), dt_i), 0.0)
-            state = state * tl.exp(a * dt_i)[:, None] + b_i[None, :] * dt_i[:, None] * x_i[:, None]
-            y_i = tl.sum(state * c_i[None, :], axis=1) + x_i * skip
-            tl.store(y_ptr + i * y_t + head * rows + p, y_i.to(y_ptr.dtype.element_ty), mask=live_p)
-            tl.store(states_ptr + i * st_t + head_off + pn, state, mask=mask & live_p[:, None])
+        # the operands of the next step (_a) and of the one after it (_b): (x, B, C, raw dt)
+        x_a, dt_a = tl.zeros([ROWS], dtype=tl.float32), tl.zeros([ROWS], dtype=tl.float32)
+        b_a, c_a = tl.zeros([STATE], dtype=tl.float32), tl.zeros([STATE], dtype=tl.float32)
+        x_b, dt_b, b_b, c_b = x_a, dt_a, b_a, c_a
+        for i in tl.static_range(LENGTH + 2):
+            if i >= 2:  # the step of position i - 2, with the operands loaded two iterations ago
+                dt_i = dt_a + dt_bias
+                dt_i = tl.where(dt_i <= SOFTPLUS_ABOVE, tl.log(1.0 + tl.exp(dt_i)), dt_i)
+                state = state * tl.exp(a * dt_i)[:, None] + b_a[None, :] * dt_i[:, None] * x_a[:, None]
+                y_i = tl.sum(state * c_a[None, :], axis=1) + x_a * skip
+                tl.store(y_ptr + (i - 2) * y_t + head * rows + p, y_i.to(y_ptr.dtype.element_ty), mask=p_mask)
+                tl.store(states_ptr + (i - 2) * st_t + head_off + pn, state, mask=mask)
+            x_a, b_a, c_a, dt_a = x_b, b_b, c_b, dt_b
+            if i < LENGTH:
+                row = xbc_ptr + i * xbc_t
+                x_b = tl.load(row + head * rows + p, mask=p_mask, other=0.0).to(tl.float32)  # (ROWS,)
+                b_b = tl.load(row + b_col + group * d_state + n, mask=n_mask, other=0.0).to(tl.float32)  # (STATE,)
+                c_b = tl.load(row + c_col + group * d_state + n, mask=n_mask, other=0.0).to(tl.float32)
+                dt_b = tl.load(dt_ptr + i * dt_t + head + p * 0, mask=p_mask, other=0.0).to(tl.float32)
         tl.store(state_ptr + head_off + pn, state, mask=mask)
 
     return kernel
@@ -784,10 +792,9 @@ def ssd_chunk_triton(state: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A
     b_col = heads * rows
     grid = (heads, triton.cdiv(rows, REWIND_ROWS))
     _chunk_scan_kernel()[grid](
-        state, states, xbc, dt, y, A, D, dt_bias, length, rows, d_state, b_col, b_col + ngroups * d_state,
+        state, states, xbc, dt, y, A, D, dt_bias, rows, d_state, b_col, b_col + ngroups * d_state,
         xbc.stride(0), dt.stride(0), y.stride(0), states.stride(0), HEADS_PER_GROUP=heads // ngroups, ROWS=REWIND_ROWS,
-        STATE=triton.next_power_of_2(d_state), BLOCK_T=triton.next_power_of_2(length),
-        SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
+        STATE=triton.next_power_of_2(d_state), LENGTH=length, SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
     return y
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cloud.speculative import accept_drafts, greedy_round
 from matmamba import kernels
+from matmamba.backbone import InferenceCache
 from matmamba.generation import SamplingParams
 
 from .conftest import interpreted, run_interpreted, small_lm
@@ -68,22 +69,35 @@ def test_chunk_equals_the_decode_steps_and_records_every_state(level: int, lengt
     assert not torch.equal(start.states[0].ssm, chunk_cache.states[0].ssm)  # the chunk moved the state
 
 
+def _unevenly_placed(cache: InferenceCache) -> InferenceCache:
+    """A copy of ``cache`` whose layers' SSM states lie in one buffer at uneven gaps: never one stride apart (a
+    clone's separate allocations may happen to be)."""
+    out = cache.clone()
+    numel = out.states[0].ssm.numel()
+    buffer = torch.empty(len(out.states) * numel + len(out.states) ** 2)
+    for i, state in enumerate(out.states):
+        start = i * numel + i * i
+        state.ssm = buffer[start:start + numel].view_as(state.ssm).copy_(state.ssm)
+    return out
+
+
 @interpreted
 @pytest.mark.parametrize("on_device,stacked", [(False, True), (True, True), (True, False)])
 @torch.inference_mode()
 def test_rewind_after_a_chunk_returns_to_each_position(on_device: bool, stacked: bool) -> None:
     """rewind(keep) after a chunk, with keep on the host or as a device tensor (`rewind_select_triton`: one launch
-    for a stacked cache, one per layer for a clone's separate tensors), leaves the cache as after the first keep
+    for a stacked cache, one per layer for tensors at uneven gaps), leaves the cache as after the first keep
     tokens: equal to the decode steps' state there, and decoding on from it gives the decode path's logits."""
     model = small_lm(seed=5, n_layer=3, d_model=64, headdim=8, d_state=16)
     ids = torch.tensor([3, 14, 15, 92, 65, 35])
     start = _prefilled(model, 2, seed=9)
     _, after = _stepped(model, ids, start.clone())
     for keep in (1, 2, 4, 6):
-        cache = start.clone()
         if stacked:
             cache = model.allocate_cache(1, 2)
             cache.copy_(start)
+        else:
+            cache = _unevenly_placed(start)
         assert (kernels.layer_stride([s.ssm for s in cache.states]) is not None) == stacked
         _chunked(model, ids, cache)
         if on_device:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from bench.block_bench import environment, finish, replay_ms
 from bench.spec_bench import PROMPTS
@@ -98,8 +99,6 @@ class CloudGpuTime:
         self.kernel_ms = self.span_ms = 0.0
 
     def measure(self, fn, *args):
-        from torch.profiler import ProfilerActivity, profile
-
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             begin.record()

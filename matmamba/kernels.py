@@ -436,48 +436,42 @@ def _normed_gemv_kernel():
         out = tl.sum(acc, axis=2) * rstd[:, None]  # (BLOCK_B, BLOCK_N)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        if CONV_CHUNK:  # the tile's sequences are the positions of one sequence's chunk: `ConvChunk`
+        if CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels
             ch = rows - conv_lo
             is_conv = row_mask & (ch >= 0) & (ch < channels)
             cmask = seq_mask[:, None] & is_conv[None, :]
-            raw = tl.where(cmask, out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty), 0.0)  # as stored
-            # position t reads inputs t - CONV_WIDTH + 1 .. t: input s of the chunk with tap s - t + CONV_WIDTH - 1
-            tap = seqs[None, :] - seqs[:, None] + CONV_WIDTH - 1  # (t, s)
-            taps = (tap >= 0) & (tap < CONV_WIDTH)
-            tap_w = tl.load(cw_ptr + ch[None, None, :] * cw_c + tap[:, :, None] * cw_w,
-                            mask=taps[:, :, None] & is_conv[None, None, :], other=0.0)  # (t, s, BLOCK_N)
-            conv = tl.sum(tap_w.to(tl.float32) * raw.to(tl.float32)[None, :, :], axis=1)  # (BLOCK_B, BLOCK_N)
-            window = win_ptr + ch[None, :] * win_c
-            for j in tl.static_range(CONV_WIDTH):  # the state's column j holds position j - CONV_WIDTH
-                old = tl.load(cs_ptr + ch * cs_c + j * cs_w, mask=is_conv, other=0.0)  # (BLOCK_N,)
-                tl.store(win_ptr + ch * win_c + j, old, mask=is_conv)
-                tap_j = j - seqs - 1  # (BLOCK_B,)
-                w_j = tl.load(cw_ptr + ch[None, :] * cw_c + tap_j[:, None] * cw_w,
-                              mask=(tap_j >= 0)[:, None] & is_conv[None, :], other=0.0)
-                conv += w_j.to(tl.float32) * old.to(tl.float32)[None, :]
-            tl.store(window + (CONV_WIDTH + seqs)[:, None], raw, mask=cmask)
-            tl.debug_barrier()  # the window is whole: the new state is its last CONV_WIDTH columns
-            for j in tl.static_range(CONV_WIDTH):
-                tl.store(cs_ptr + ch * cs_c + j * cs_w, tl.load(win_ptr + ch * win_c + batch + j, mask=is_conv),
-                         mask=is_conv)
-            if HAS_CONV_BIAS:
-                conv += tl.load(cb_ptr + ch, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-            out = tl.where(is_conv[None, :], conv * tl.sigmoid(conv), out)
-        elif CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels: `_conv_step_kernel` on them, in the epilogue
-            ch = rows - conv_lo
-            is_conv = row_mask & (ch >= 0) & (ch < channels)
-            cmask = seq_mask[:, None] & is_conv[None, :]
-            state = cs_ptr + seqs[:, None] * cs_b + ch[None, :] * cs_c
-            conv = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            for j in tl.static_range(CONV_WIDTH - 1):
-                v = tl.load(state + (j + 1) * cs_w, mask=cmask, other=0.0)
-                tl.store(state + j * cs_w, v, mask=cmask)
-                conv += v.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + j * cw_w, mask=is_conv,
-                                                   other=0.0).to(tl.float32)[None, :]
-            x_state = out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty)  # as stored, then as the state
-            tl.store(state + (CONV_WIDTH - 1) * cs_w, x_state, mask=cmask)
-            conv += x_state.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + (CONV_WIDTH - 1) * cw_w, mask=is_conv,
-                                                     other=0.0).to(tl.float32)[None, :]
+            if CONV_CHUNK:  # the tile's sequences are the positions of one sequence's chunk: `ConvChunk`
+                raw = tl.where(cmask, out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty), 0.0)  # as stored
+                # position t reads inputs t - CONV_WIDTH + 1 .. t: input s of the chunk with tap s - t + CONV_WIDTH - 1
+                tap = seqs[None, :] - seqs[:, None] + CONV_WIDTH - 1  # (t, s)
+                taps = (tap >= 0) & (tap < CONV_WIDTH)
+                tap_w = tl.load(cw_ptr + ch[None, None, :] * cw_c + tap[:, :, None] * cw_w,
+                                mask=taps[:, :, None] & is_conv[None, None, :], other=0.0)  # (t, s, BLOCK_N)
+                conv = tl.sum(tap_w.to(tl.float32) * raw.to(tl.float32)[None, :, :], axis=1)  # (BLOCK_B, BLOCK_N)
+                window = win_ptr + ch * win_c  # (BLOCK_N,)
+                for j in tl.static_range(CONV_WIDTH):  # the state's column j holds position j - CONV_WIDTH
+                    old = tl.load(cs_ptr + ch * cs_c + j * cs_w, mask=is_conv, other=0.0)  # (BLOCK_N,)
+                    tl.store(window + j, old, mask=is_conv)
+                    tap_j = j - seqs - 1  # (BLOCK_B,)
+                    w_j = tl.load(cw_ptr + ch[None, :] * cw_c + tap_j[:, None] * cw_w,
+                                  mask=(tap_j >= 0)[:, None] & is_conv[None, :], other=0.0)
+                    conv += w_j.to(tl.float32) * old.to(tl.float32)[None, :]
+                tl.store(window[None, :] + (CONV_WIDTH + seqs)[:, None], raw, mask=cmask)
+                tl.debug_barrier()  # the window is whole: the new state is its last CONV_WIDTH columns
+                for j in tl.static_range(CONV_WIDTH):
+                    tl.store(cs_ptr + ch * cs_c + j * cs_w, tl.load(window + batch + j, mask=is_conv), mask=is_conv)
+            else:  # one decode step per sequence: `_conv_step_kernel` on the channels, in the epilogue
+                state = cs_ptr + seqs[:, None] * cs_b + ch[None, :] * cs_c
+                conv = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(CONV_WIDTH - 1):
+                    v = tl.load(state + (j + 1) * cs_w, mask=cmask, other=0.0)
+                    tl.store(state + j * cs_w, v, mask=cmask)
+                    conv += v.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + j * cw_w, mask=is_conv,
+                                                       other=0.0).to(tl.float32)[None, :]
+                x_state = out.to(out_ptr.dtype.element_ty).to(cs_ptr.dtype.element_ty)  # as stored, then the state
+                tl.store(state + (CONV_WIDTH - 1) * cs_w, x_state, mask=cmask)
+                conv += x_state.to(tl.float32) * tl.load(cw_ptr + ch * cw_c + (CONV_WIDTH - 1) * cw_w, mask=is_conv,
+                                                         other=0.0).to(tl.float32)[None, :]
             if HAS_CONV_BIAS:
                 conv += tl.load(cb_ptr + ch, mask=is_conv, other=0.0).to(tl.float32)[None, :]
             out = tl.where(is_conv[None, :], conv * tl.sigmoid(conv), out)

@@ -5,7 +5,7 @@
 # rollback kernels' GPU tests alone), lm / vision (joint training, 4 independent baselines, evaluation),
 # eval (the shipped checkpoints), cloud (serving benchmark), router (edge worker on the GPU under Ray),
 # spec-tests, spec-profile and spec (speculative decoding's GPU tests; a round's cloud time, bench/verify_profile.py;
-# across tiers, bench/spec_bench.py),
+# across tiers, bench/spec_bench.py), chunk (a round's kernels under each tiling, bench/chunk_kernels.py),
 # block (nested block vs mamba-ssm Mamba2), decode (the decode step's projections, cuBLAS vs the Triton GEMV,
 # bench/gemv_bench.py; CUDA-graph decoding vs mamba-ssm generation; the kernels of one decode step,
 # bench/decode_profile.py).
@@ -96,11 +96,13 @@ for phase in "$@"; do
     spec-tests)  # speculative decoding's GPU tests, the short-chunk verification kernels' included
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_speculative.py tests/test_short_chunk.py 2>&1; } \
         | tee "$OUT/spec_tests.log" ;;
-    spec-profile)  # the rollback kernel's GPU test, then a round's cloud time and the cloud's GPU time per token by
-      # edge level (bench/verify_profile.py; it imports the router's draft-length rule: needs .raywhl, as spec)
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
+    spec-profile)  # the rollback kernel's GPU test, then a round's cloud time, its kernels, and the cloud's GPU time
+      # per token by edge level (bench/verify_profile.py: one process, no Ray)
       { echo "$DEVICE_LINE"; python3 -m pytest -m gpu -q tests/test_rewind_kernel.py 2>&1
         python3 -m bench.verify_profile --out "$OUT/verify_profile.json" 2>&1; } | tee "$OUT/verify_profile.log" ;;
+    chunk)  # a verification round's kernels one by one under each tiling (bench/chunk_kernels.py)
+      python3 -m bench.chunk_kernels --out "$OUT/chunk_kernels.json" > "$OUT/chunk_kernels.log" 2>&1
+      grep "^|\|^verification" "$OUT/chunk_kernels.log" ;;
     spec)  # speculative decoding across tiers (cloud process + router on Ray): needs .raywhl carried, as router
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .raywhl/*.whl
       # fp32: greedy identity is checked token for token (bf16 rounding differs between a step and a chunk)

@@ -13,10 +13,12 @@ Measured side by side, medians over repetitions:
   the wall time of ``Verifier.verify`` with the whole round in one graph (greedy rounds, the default)
   and with acceptance and rollback on the host after the forward graph (as sampling rounds run), and
   the GPU time of one replay of the whole-round graph;
+- **the kernels of a round**: per kernel, launches and GPU microseconds per replay of the decode-step graph
+  and of the round graph at each k (torch.profiler over replays), where the growth with k comes from;
 - **cloud GPU time per generated token, per edge level** (``--levels``): ``--prompts`` prompts x ``TOKENS``
   greedy tokens, cloud-only (``runner.generate``) and speculative (an in-process loop: drafts from a CPU copy of
   the same checkpoint at the level's width, k adaptive up to ``--draft-tokens`` by the router's own rule,
-  ``router.speculative.DraftLength``, each round one ``Verifier.verify``), side by side. The cloud's GPU time
+  ``router.draft_length.DraftLength``, each round one ``Verifier.verify``), side by side. The cloud's GPU time
   is the sum of the CUDA kernels' and copies' durations that torch.profiler (CUPTI) records while the cloud
   works, graph replays included; drafting on the CPU keeps the edge's work out of it. Also the span between
   CUDA events around each call (an upper bound: it includes the GPU's idle gaps while the host launches).
@@ -25,6 +27,7 @@ Measured side by side, medians over repetitions:
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import statistics
 import sys
@@ -44,7 +47,7 @@ from cloud.runner import ModelRunner
 from cloud.speculative import Verifier
 from matmamba import load_model
 from proto.validate import GenerateInputs
-from router.speculative import DraftLength
+from router.draft_length import DraftLength
 
 log = logging.getLogger("verify_profile")
 
@@ -56,7 +59,25 @@ REPS = 50  # timed rounds (or replays) per configuration
 TOKENS = 64  # tokens per timed cloud-only generation
 
 
-def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, float]:
+def graph_kernels(replay, reps: int = REPS) -> dict[str, dict[str, float]]:
+    """Per CUDA kernel (or copy) name: launches and GPU microseconds per ``replay()``, from CUPTI over ``reps``
+    replays."""
+    launches: dict[str, int] = collections.Counter()
+    micros: dict[str, float] = collections.defaultdict(float)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            replay()
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            launches[event.name] += 1
+            micros[event.name] += event.device_time
+    if not launches:
+        raise RuntimeError("the profiler recorded no CUDA activity (CUPTI unavailable?)")
+    return {name: {"launches": launches[name] / reps, "us": micros[name] / reps} for name in launches}
+
+
+def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, Any]:
     inputs = GenerateInputs(prompt, TOKENS, 0.0, 0, 1.0, None, runner.config.d_model, "profile")
     walls, tokens = [], []
     for _ in range(5):
@@ -66,9 +87,11 @@ def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, float]:
     slot = runner._decode_graphs.acquire(runner.model.backbone.resolve_widths(), 1)
     try:
         step = replay_ms(slot.graph.replay, REPS)
+        kernels = graph_kernels(slot.graph.replay)
     finally:
         runner._decode_graphs.release(slot)
-    return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_step": step, "greedy": tokens[:TOKENS]}
+    return {"wall_ms_per_token": statistics.median(walls), "gpu_ms_per_step": step, "kernels": kernels,
+            "greedy": tokens[:TOKENS]}
 
 
 def rounds(runner: ModelRunner, prompt: np.ndarray, k: int, drafts: np.ndarray, on_device: bool) -> tuple[float, int]:
@@ -158,9 +181,10 @@ def level_gpu_time(runner: ModelRunner, drafter: torch.nn.Module, prompts: list[
     return row
 
 
-def round_gpu_ms(runner: ModelRunner, k: int) -> float:
+def round_graph(runner: ModelRunner, k: int) -> tuple[float, dict[str, dict[str, float]]]:
+    """The round graph of k drafts: median GPU ms of a replay, and its kernels (`graph_kernels`)."""
     slot = runner.round_graphs._slot(runner.model.backbone.resolve_widths(), 1, k + 1)
-    return replay_ms(slot.graph.replay, REPS)
+    return replay_ms(slot.graph.replay, REPS), graph_kernels(slot.graph.replay)
 
 
 @torch.inference_mode()
@@ -173,11 +197,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"environment": environment(), "checkpoint": str(args.checkpoint), "precision": "fp32",
                            "cloud_only": {k: v for k, v in base.items() if k != "greedy"}, "rounds": []}
+    out["cloud_only"].pop("kernels")
+    out["kernels"] = {"step": base["kernels"]}
     for k in DRAFTS:
         accepted = np.asarray(base["greedy"][:k], dtype=np.int64)
         rejected = rng.integers(0, runner.config.vocab_size, k)
         rejected[0] = (accepted[0] + 1) % runner.config.vocab_size  # the first draft is wrong: nothing kept
-        row = {"k": k, "round_gpu_ms": round_gpu_ms(runner, k)}
+        row = {"k": k}
+        row["round_gpu_ms"], out["kernels"][f"k{k}"] = round_graph(runner, k)
         for name, drafts in (("accepted", accepted), ("rejected", rejected)):
             row[f"device_round_ms_{name}"], row[f"kept_{name}"] = rounds(runner, prompt, k, drafts, on_device=True)
             row[f"host_round_ms_{name}"], host_kept = rounds(runner, prompt, k, drafts, on_device=False)
@@ -209,6 +236,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['host_round_ms_rejected']:.3f} |")
     lines.append("(drafts accepted, all-accepted rows: " + ", ".join(f"k {r['k']}: {r['kept_accepted']}"
                                                                      for r in result["rounds"]) + ")")
+    lines += ["", *kernel_table(result["kernels"])]
     lines += ["", f"cloud GPU ms per generated token, {result['prompts']} prompts x {TOKENS} greedy tokens, drafts "
               f"up to {result['draft_tokens']} (k adaptive) from a CPU copy at the level's width",
               "| level | greedy output = cloud-only | drafts accepted | tokens / round | kernel ms / token: cloud-only "
@@ -222,6 +250,23 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['cloud_only_span_ms_per_token']:.4f} / {r['spec_span_ms_per_token']:.4f} | "
                      f"{r['span_ratio']:.2f}x |")
     return "\n".join(lines)
+
+
+def kernel_table(kernels: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Lines of a table: per kernel, launches and GPU us per replay of each graph (the decode step, each k)."""
+    graphs = list(kernels)
+    names = sorted({name for graph in kernels.values() for name in graph},
+                   key=lambda name: -kernels[graphs[-1]].get(name, {"us": 0.0})["us"])
+    lines = ["kernels per graph replay: launches x GPU us (torch.profiler)",
+             "| kernel | " + " | ".join(graphs) + " |", "| --- |" + " --- |" * len(graphs)]
+    for name in names:
+        cells = [f"{kernels[g][name]['launches']:g} x {kernels[g][name]['us']:.1f}" if name in kernels[g] else "-"
+                 for g in graphs]
+        lines.append(f"| {name[:60]} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(k['launches'] for k in kernels[g].values()):g} x {sum(k['us'] for k in kernels[g].values()):.1f}"
+              for g in graphs]
+    lines.append("| all | " + " | ".join(totals) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -344,7 +344,9 @@ class MatMamba2(nn.Module):
             states = torch.empty(length, *state.ssm.shape, device=h.device, dtype=torch.float32)
         y = kernels.ssd_chunk_triton(state.ssm, xbc, dt, s.A, s.D, s.dt_bias, d.ngroups, states)
         state.trace = StateTrace(window, states=states)
-        return kernels.gated_gemv_triton(y, z, s.norm_w, self.config.norm_eps, s.out_proj_w, s.out_proj_b), residual
+        tiling = kernels.normed_gemv_tiling(length, d.d_inner, positions=True)
+        return kernels.gated_gemv_triton(y, z, s.norm_w, self.config.norm_eps, s.out_proj_w, s.out_proj_b,
+                                         tiling), residual
 
     def _step(self, zxbcdt: torch.Tensor, s: BlockSlices, state: BlockState, conv_done: bool = False) -> torch.Tensor:
         """The rest of a decode step after in_proj: zxbcdt (batch, 2*di + d_bc + h) -> (batch, d_model).

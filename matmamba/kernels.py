@@ -22,6 +22,7 @@ import sys
 import types
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -150,8 +151,8 @@ def _conv_step_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(state_ptr, x_ptr, w_ptr, b_ptr, out_ptr, channels, s_b, s_c, s_w, x_b, w_c, w_w, o_b,
-               WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    def conv_step_kernel(state_ptr, x_ptr, w_ptr, b_ptr, out_ptr, channels, s_b, s_c, s_w, x_b, w_c, w_w, o_b,
+                         WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < channels
@@ -171,7 +172,7 @@ def _conv_step_kernel():
         out = acc * tl.sigmoid(acc)
         tl.store(out_ptr + row * o_b + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    return kernel
+    return conv_step_kernel
 
 
 def conv_step_triton(conv_state: torch.Tensor, xbc: torch.Tensor, weight: torch.Tensor,
@@ -297,8 +298,8 @@ def _gemv_kernel():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["batch", "n", "o_b"])  # masks only: one compile for every N and batch
-    def kernel(x_ptr, w_ptr, b_ptr, out_ptr, batch, n, k, x_b, w_n, o_b,
-               HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, batch, n, k, x_b, w_n, o_b,
+                    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         seqs = tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_K)
@@ -318,7 +319,7 @@ def _gemv_kernel():
         tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=seq_mask[:, None] & row_mask[None, :])
 
-    return kernel
+    return gemv_kernel
 
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
@@ -382,6 +383,43 @@ def add_rmsnorm_gemv_torch(x: torch.Tensor, residual: torch.Tensor | None, norm_
     return out, r if residual_in_fp32 else r.to(x.dtype)
 
 
+class GemvTiling(NamedTuple):
+    """How `_normed_gemv_kernel` tiles (batch, K) @ (N, K)^T: BLOCK_B rows of the input (sequences, or a chunk's
+    positions; fewer than the batch spreads them over programs, not with a chunk's conv) and BLOCK_N weight rows
+    per program, K in BLOCK_K steps; ``dot`` "" multiplies as a broadcast product
+    in registers (BLOCK_B x BLOCK_N x BLOCK_K partial sums), else with tl.dot at that input precision ("ieee":
+    fp32 FMAs; "tf32x3": tensor cores, three TF32 products), which needs BLOCK_B, BLOCK_N, BLOCK_K >= 16."""
+    block_b: int
+    block_n: int
+    block_k: int
+    num_warps: int = GEMV_NUM_WARPS
+    dot: str = ""
+
+
+# Products per program where a chunk's conv runs in the epilogue (in_proj of a verification round) over 8 or more
+# positions: on an H200 a quarter of GEMV_TILE_ELEMS measured 1.16x / 1.32x / 1.10x faster at L = 5 / 9 / 17 and
+# the full tile was the fastest at L <= 3 and without the conv (bench/chunk_kernels.py).
+CONV_CHUNK_TILE_ELEMS = 2048
+
+
+# Positions per program of a short chunk's GEMV without a conv (out_proj of a verification round), 3+ positions:
+# spread over programs 2 by 2, measured 1.07x / 1.37x / 1.77x / 1.94x faster than all in one at L = 3 / 5 / 9 / 17
+# on an H200 (bench/chunk_kernels.py; 1 or 4 a program within 10% of 2).
+CHUNK_ROWS_PER_PROGRAM = 2
+
+
+def normed_gemv_tiling(batch: int, k: int, conv_chunk: bool = False, positions: bool = False) -> GemvTiling:
+    """The tiling `_normed_gemv` uses by default: `gemv_config`'s, with the K step cut to CONV_CHUNK_TILE_ELEMS
+    products where ``conv_chunk`` (a `ConvChunk` epilogue) and 8 or more rows, and with the rows spread over
+    programs CHUNK_ROWS_PER_PROGRAM at a time where they are a chunk's ``positions`` (no conv) and 3 or more."""
+    if positions and not conv_chunk and batch >= 3:
+        return GemvTiling(*gemv_config(CHUNK_ROWS_PER_PROGRAM, k))
+    block_b, block_n, block_k = gemv_config(batch, k)
+    if conv_chunk and block_b >= 8:
+        block_k = min(block_k, CONV_CHUNK_TILE_ELEMS // (block_b * block_n))
+    return GemvTiling(block_b, block_n, block_k)
+
+
 @functools.cache
 def _normed_gemv_kernel():
     """out[b, n] = sum_k h[b, k] w[n, k] (+ bias[n]) with h = rmsnorm(v) * norm_weight, where v is a * silu(b)
@@ -401,18 +439,22 @@ def _normed_gemv_kernel():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["batch", "n", "o_b"])
-    def kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, v_out_ptr, batch, n, k, a_b, b_b, w_n, o_b, vo_b, eps,
-               cs_ptr, cw_ptr, cb_ptr, conv_lo, channels, cs_b, cs_c, cs_w, cw_c, cw_w, win_ptr, win_c,
-               GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, CONV_WIDTH: tl.constexpr,
-               CONV_CHUNK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+    def normed_gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, v_out_ptr, batch, n, k, a_b, b_b, w_n,
+                           o_b, vo_b, eps, cs_ptr, cw_ptr, cb_ptr, conv_lo, channels, cs_b, cs_c, cs_w, cw_c, cw_w,
+                           win_ptr, win_c, GATED: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           CONV_WIDTH: tl.constexpr, CONV_CHUNK: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                           PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        seqs = tl.arange(0, BLOCK_B)
+        seqs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_K)
         row_mask = rows < n
         seq_mask = seqs < batch
         squares = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if DOT:
+            acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_B, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
             col_mask = k0 + cols < k
             mask = seq_mask[:, None] & col_mask[None, :]
@@ -431,9 +473,15 @@ def _normed_gemv_kernel():
             nw = tl.load(nw_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * w_n + (k0 + cols)[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-            acc += (v * nw[None, :])[:, None, :] * w.to(tl.float32)[None, :, :]
+            if DOT:
+                acc += tl.dot(v * nw[None, :], tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            else:
+                acc += (v * nw[None, :])[:, None, :] * w.to(tl.float32)[None, :, :]
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / k + eps)  # (BLOCK_B,)
-        out = tl.sum(acc, axis=2) * rstd[:, None]  # (BLOCK_B, BLOCK_N)
+        if DOT:
+            out = acc * rstd[:, None]  # (BLOCK_B, BLOCK_N)
+        else:
+            out = tl.sum(acc, axis=2) * rstd[:, None]
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         if CONV_WIDTH > 0:  # rows conv_lo.. are the conv's channels
@@ -478,7 +526,7 @@ def _normed_gemv_kernel():
         tl.store(out_ptr + seqs[:, None] * o_b + rows[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=seq_mask[:, None] & row_mask[None, :])
 
-    return kernel
+    return normed_gemv_kernel
 
 
 @dataclass(frozen=True)
@@ -509,53 +557,58 @@ class ConvChunk:
 
 def _normed_gemv(a: torch.Tensor, b: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  bias: torch.Tensor | None, gated: bool, v_out: torch.Tensor | None,
-                 conv: ConvStep | ConvChunk | None = None) -> torch.Tensor:
+                 conv: ConvStep | ConvChunk | None = None, tiling: GemvTiling | None = None) -> torch.Tensor:
     batch, k = a.shape
     n = weight.shape[0]
     assert batch <= SHORT_CHUNK_MAX and weight.shape[1] == k and norm_weight.shape == (k,)
     assert a.stride(-1) == 1 and weight.stride(-1) == 1 and (b is None or (b.shape == a.shape and b.stride(-1) == 1))
-    block_b, block_n, block_k = gemv_config(batch, k)
+    chunk = isinstance(conv, ConvChunk)
+    block_b, block_n, block_k, num_warps, dot = tiling or normed_gemv_tiling(batch, k, chunk)
+    assert not dot or min(block_b, block_n, block_k) >= 16, "tl.dot needs tiles of >= 16"
     out = torch.empty(batch, n, device=a.device, dtype=a.dtype)
     conv_args: tuple = (out, out, out, 0, 0, 0, 0, 0, 0, 0, out, 0)
-    chunk = isinstance(conv, ConvChunk)
     if conv is not None:
         channels, width = conv.weight.shape
         rows = 1 if chunk else batch
         assert conv.state.shape == (rows, channels, width) and conv.first_row + channels <= n
         window = (out, 0)
         if chunk:
+            assert block_b >= batch, "a chunk's conv needs all of its positions in one program"
             assert conv.window.shape == (1, channels, width + batch) and conv.window.stride(-1) == 1
             assert conv.window.dtype == conv.state.dtype
             window = (conv.window, conv.window.stride(1))
         conv_args = (conv.state, conv.weight, conv.weight if conv.bias is None else conv.bias, conv.first_row,
                      channels, *conv.state.stride(), *conv.weight.stride(), *window)
-    _normed_gemv_kernel()[(-(-n // block_n),)](
+    _normed_gemv_kernel()[(-(-n // block_n), -(-batch // block_b))](
         a, a if b is None else b, norm_weight, weight, weight if bias is None else bias, out,
         out if v_out is None else v_out, batch, n, k, a.stride(0), 0 if b is None else b.stride(0), weight.stride(0),
         out.stride(0), 0 if v_out is None else v_out.stride(0), eps, *conv_args, GATED=gated, HAS_B=b is not None,
         HAS_BIAS=bias is not None, CONV_WIDTH=0 if conv is None else conv.weight.shape[1], CONV_CHUNK=chunk,
         HAS_CONV_BIAS=conv is not None and conv.bias is not None, BLOCK_B=block_b, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=GEMV_NUM_WARPS)
+        BLOCK_K=block_k, DOT=bool(dot), PRECISION=dot or "ieee", num_warps=num_warps)
     return out
 
 
 def gated_gemv_triton(y: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    """`gated_gemv_torch` as one Triton kernel: y, z (batch <= GEMV_MAX_BATCH, K) with contiguous rows;
-    norm_weight (K,); weight (N, K) with contiguous rows. Tiled as `gemv_triton`. CUDA-graph capturable."""
-    return _normed_gemv(y, z, norm_weight, eps, weight, bias, True, None)
+                      bias: torch.Tensor | None, tiling: GemvTiling | None = None) -> torch.Tensor:
+    """`gated_gemv_torch` as one Triton kernel: y, z (batch <= GEMV_MAX_BATCH, K; or a short chunk's positions,
+    <= SHORT_CHUNK_MAX) with contiguous rows; norm_weight (K,); weight (N, K) with contiguous rows. Tiled as
+    `normed_gemv_tiling` says unless ``tiling`` is given. CUDA-graph capturable."""
+    return _normed_gemv(y, z, norm_weight, eps, weight, bias, True, None, tiling=tiling)
 
 
 def add_rmsnorm_gemv_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                             residual_in_fp32: bool, weight: torch.Tensor, bias: torch.Tensor | None,
-                            conv: ConvStep | ConvChunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            conv: ConvStep | ConvChunk | None = None,
+                            tiling: GemvTiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rmsnorm_gemv_torch` as one Triton kernel: x (batch <= GEMV_MAX_BATCH, K; or a short chunk's
     positions, <= SHORT_CHUNK_MAX) and residual (or None, the first layer) with contiguous rows; weight (N, K) with
     contiguous rows; the conv step (`ConvStep`) or a chunk's conv (`ConvChunk`, x's rows then being one sequence's
-    positions) in its epilogue when given. Tiled as `gemv_triton`. CUDA-graph capturable. Returns (the projection
-    (batch, N) in x's dtype, the new residual (batch, K))."""
+    positions) in its epilogue when given. Tiled as `gated_gemv_triton`. CUDA-graph capturable. Returns (the
+    projection (batch, N) in x's dtype, the new residual (batch, K))."""
     residual_out = torch.empty(x.shape, device=x.device, dtype=torch.float32 if residual_in_fp32 else x.dtype)
-    return _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out, conv), residual_out
+    out = _normed_gemv(x, residual, norm_weight, eps, weight, bias, False, residual_out, conv, tiling)
+    return out, residual_out
 
 
 # ---------------------------------------------------------------- SSD scan
@@ -670,9 +723,10 @@ def _rewind_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(state_ptr, before_ptr, x_ptr, dt_ptr, b_ptr, a_ptr, dt_bias_ptr, keep_ptr, length, rows, d_state,
-               s_b, s_h, s_p, s_n, o_b, o_h, o_p, o_n, x_b, x_l, x_h, x_p, dt_b, dt_l, dt_h, b_b, b_l, b_g, b_n,
-               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, SOFTPLUS_ABOVE: tl.constexpr):
+    def ssd_rewind_kernel(state_ptr, before_ptr, x_ptr, dt_ptr, b_ptr, a_ptr, dt_bias_ptr, keep_ptr, length, rows,
+                          d_state, s_b, s_h, s_p, s_n, o_b, o_h, o_p, o_n, x_b, x_l, x_h, x_p, dt_b, dt_l, dt_h, b_b,
+                          b_l, b_g, b_n, HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr,
+                          SOFTPLUS_ABOVE: tl.constexpr):
         seq, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         keep = tl.load(keep_ptr)
         if keep < length:
@@ -692,7 +746,7 @@ def _rewind_kernel():
                 state = state * tl.exp(dt * a) + (dt * x.to(tl.float32))[:, None] * bt.to(tl.float32)[None, :]
             tl.store(state_ptr + seq * s_b + head * s_h + p[:, None] * s_p + n[None, :] * s_n, state, mask=mask)
 
-    return kernel
+    return ssd_rewind_kernel
 
 
 def ssd_rewind_triton(state: torch.Tensor, initial_states: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
@@ -727,10 +781,9 @@ def _chunk_scan_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(state_ptr, states_ptr, xbc_ptr, dt_ptr, y_ptr, a_ptr, d_ptr, dt_bias_ptr, rows, d_state,
-               b_col, c_col, xbc_t, dt_t, y_t, st_t,
-               HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr, STATE: tl.constexpr, LENGTH: tl.constexpr,
-               SOFTPLUS_ABOVE: tl.constexpr):
+    def chunk_scan_kernel(state_ptr, states_ptr, xbc_ptr, dt_ptr, y_ptr, a_ptr, d_ptr, dt_bias_ptr, rows, d_state,
+                          b_col, c_col, xbc_t, dt_t, y_t, st_t, HEADS_PER_GROUP: tl.constexpr, ROWS: tl.constexpr,
+                          STATE: tl.constexpr, LENGTH: tl.constexpr, SOFTPLUS_ABOVE: tl.constexpr):
         head, block = tl.program_id(0), tl.program_id(1)
         p = block * ROWS + tl.arange(0, ROWS)
         n = tl.arange(0, STATE)
@@ -764,17 +817,24 @@ def _chunk_scan_kernel():
                 dt_b = tl.load(dt_ptr + i * dt_t + head + p * 0, mask=p_mask, other=0.0).to(tl.float32)
         tl.store(state_ptr + head_off + pn, state, mask=mask)
 
-    return kernel
+    return chunk_scan_kernel
+
+
+# (rows of the state per program, warps) of `ssd_chunk_triton`: (4, 4) measured 4-8% faster than (16, 4) at 5-17
+# positions on an H200 (bench/chunk_kernels.py).
+CHUNK_SCAN_TILING = (4, 4)
 
 
 def ssd_chunk_triton(state: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
-                     dt_bias: torch.Tensor, ngroups: int, states: torch.Tensor) -> torch.Tensor:
+                     dt_bias: torch.Tensor, ngroups: int, states: torch.Tensor,
+                     tiling: tuple[int, int] | None = None) -> torch.Tensor:
     """`ssd_step` over each of a short chunk's positions (one sequence), as one Triton kernel.
 
     state (1, h, p, n) fp32, contiguous: the state before the chunk, left as the state after it; xbc (L, d_inner +
     2 * ngroups * n) after the conv, with contiguous rows (x, then B, then C); dt (L, h) raw, contiguous rows;
     A, D, dt_bias (h,); states (L, 1, h, p, n) fp32 contiguous, written: the state after every position (what
-    `BlockState.rewind` returns to). Returns y (L, h * p) in xbc's dtype. CUDA-graph capturable."""
+    `BlockState.rewind` returns to). Returns y (L, h * p) in xbc's dtype. ``tiling``: (rows, warps) per program,
+    CHUNK_SCAN_TILING by default. CUDA-graph capturable."""
     import triton
 
     length = xbc.shape[0]
@@ -784,11 +844,12 @@ def ssd_chunk_triton(state: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A
     assert xbc.shape[1] == heads * rows + 2 * ngroups * d_state and dt.shape == (length, heads)
     y = torch.empty(length, heads * rows, device=xbc.device, dtype=xbc.dtype)
     b_col = heads * rows
-    grid = (heads, triton.cdiv(rows, REWIND_ROWS))
-    _chunk_scan_kernel()[grid](
+    block_rows, num_warps = tiling or CHUNK_SCAN_TILING
+    _chunk_scan_kernel()[(heads, triton.cdiv(rows, block_rows))](
         state, states, xbc, dt, y, A, D, dt_bias, rows, d_state, b_col, b_col + ngroups * d_state,
-        xbc.stride(0), dt.stride(0), y.stride(0), states.stride(0), HEADS_PER_GROUP=heads // ngroups, ROWS=REWIND_ROWS,
-        STATE=triton.next_power_of_2(d_state), LENGTH=length, SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE)
+        xbc.stride(0), dt.stride(0), y.stride(0), states.stride(0), HEADS_PER_GROUP=heads // ngroups, ROWS=block_rows,
+        STATE=triton.next_power_of_2(d_state), LENGTH=length, SOFTPLUS_ABOVE=SOFTPLUS_LINEAR_ABOVE,
+        num_warps=num_warps)
     return y
 
 
@@ -806,8 +867,8 @@ def _rewind_select_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(ssm_ptr, states_ptr, conv_ptr, window_ptr, keep_ptr, ssm_numel, conv_numel, st_t, width, win_c,
-               conv_c, ssm_l, st_l, conv_l, win_l, BLOCK: tl.constexpr):
+    def rewind_select_kernel(ssm_ptr, states_ptr, conv_ptr, window_ptr, keep_ptr, ssm_numel, conv_numel, st_t,
+                             width, win_c, conv_c, ssm_l, st_l, conv_l, win_l, BLOCK: tl.constexpr):
         keep = tl.load(keep_ptr)
         layer = tl.program_id(1)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -819,7 +880,7 @@ def _rewind_select_kernel():
         src = window_ptr + layer * win_l + c * win_c + keep + j
         tl.store(conv_ptr + layer * conv_l + c * conv_c + j, tl.load(src, mask=conv_mask), mask=conv_mask)
 
-    return kernel
+    return rewind_select_kernel
 
 
 def layer_stride(tensors: list[torch.Tensor]) -> int | None:
@@ -863,8 +924,9 @@ def rewind_select_triton(ssm: list[torch.Tensor], states: list[torch.Tensor], co
         BLOCK=SELECT_BLOCK)
 
 
-# Vocabulary columns per step of `greedy_accept_triton`'s online softmax.
-ACCEPT_BLOCK_V = 512
+# (vocabulary columns per step of the online softmax, warps) of `greedy_accept_triton`.
+# (2048, 8): 1.7-2.3x faster than (512, 4) at 2-17 rows on an H200 (bench/chunk_kernels.py).
+ACCEPT_TILING = (2048, 8)
 
 
 @functools.cache
@@ -876,8 +938,8 @@ def _greedy_accept_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(logits_ptr, ids_ptr, out_ptr, keep_ptr, length, vocab, l_t, BLOCK_T: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+    def greedy_accept_kernel(logits_ptr, ids_ptr, out_ptr, keep_ptr, length, vocab, l_t, BLOCK_T: tl.constexpr,
+                             BLOCK_V: tl.constexpr):
         t = tl.arange(0, BLOCK_T)
         t_mask = t < length
         best = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -903,7 +965,7 @@ def _greedy_accept_kernel():
         tl.store(out_ptr + 2 + t, (-tl.log(total)).to(tl.float64), mask=t_mask)
         tl.store(keep_ptr, accepted.to(tl.int64) + 1)
 
-    return kernel
+    return greedy_accept_kernel
 
 
 def use_greedy_accept(logits: torch.Tensor) -> bool:
@@ -912,20 +974,23 @@ def use_greedy_accept(logits: torch.Tensor) -> bool:
             and logits.shape[0] <= SHORT_CHUNK_MAX and logits.stride(-1) == 1)
 
 
-def greedy_accept_triton(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_accept_triton(logits: torch.Tensor, ids: torch.Tensor,
+                         tiling: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (L, V) fp32 with contiguous rows, row i the full model's logits after ids[i]; ids (L,) int64 =
     [pending, d_1 .. d_{L-1}]. Returns (out (L + 2,) float64 = [n, next token, log-probability of each row's argmax]
     with n the drafts equal to the argmax before the first mismatch, keep (0-dim int64) = n + 1). Row i < n's
     argmax is d_{i+1} and row n's is the next token: the first n + 1 log-probabilities are those of the emitted
-    tokens. One launch, CUDA-graph capturable; the twin of ``cloud.speculative.accept_drafts`` for greedy params."""
+    tokens. ``tiling``: (BLOCK_V, warps), ACCEPT_TILING by default. One launch, CUDA-graph capturable; the twin of
+    ``cloud.speculative.accept_drafts`` for greedy params."""
     import triton
 
     length, vocab = logits.shape
     assert length <= SHORT_CHUNK_MAX and logits.stride(-1) == 1 and ids.shape == (length,)
     out = torch.empty(length + 2, device=logits.device, dtype=torch.float64)
     keep = torch.empty((), device=logits.device, dtype=torch.int64)
+    block_v, num_warps = tiling or ACCEPT_TILING
     _greedy_accept_kernel()[(1,)](logits, ids, out, keep, length, vocab, logits.stride(0),
-                                  BLOCK_T=triton.next_power_of_2(length), BLOCK_V=ACCEPT_BLOCK_V)
+                                  BLOCK_T=triton.next_power_of_2(length), BLOCK_V=block_v, num_warps=num_warps)
     return out, keep
 
 

@@ -8,12 +8,7 @@ after them (a correction, or a bonus token when every draft was accepted) as a c
 both carry ``draft_tokens`` / ``accepted_tokens`` of the round. Greedy output is token for token
 the cloud's own greedy output; sampled output follows the cloud model's distribution.
 
-- **k adapts** to the recent acceptance probability alpha of a draft whose predecessors were
-  accepted, estimated as accepted / (accepted + rejections) over recent rounds (exponential
-  averages; accepted / drafted would underestimate it, since every draft after a rejection counts
-  as lost). k is the smallest k with alpha^k <= 0.1, i.e. drafting until the accepted run has
-  probably ended, within 1..``--draft-tokens``: the cloud's pass then rarely ends with drafts to
-  spare, and the edge does not draft far past the likely rejection.
+- **k adapts** to the recent acceptance rate (``router.draft_length.DraftLength``).
 - **the session** is opened lazily with the whole context on the least busy replica and pinned
   there; one that expired or lost track (NOT_FOUND, FAILED_PRECONDITION) is reopened with the
   whole context and the round retried once. It is closed when the generation ends.
@@ -26,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -41,51 +35,16 @@ from proto.validate import GenerateInputs
 
 from .confidence import confidence
 from .core import RouterCore, ThrottledWarning
+from .draft_length import DraftLength
 from .escalation import MAX_ATTEMPTS, RETRY_CODES, EscalationError, Replica, ReplicaPool
 from .generation import SegmentedGeneration
 
 log = logging.getLogger(__name__)
 
-# Weight of the newest round in the averages behind the acceptance estimate.
-ACCEPTANCE_EMA = 0.3
-# Before the first round: 1.5 accepted drafts per rejection, i.e. alpha = 0.6 (k starts at 5).
-INITIAL_ACCEPTED, INITIAL_REJECTED = 1.5, 1.0
-# Draft until the run of accepted drafts has probably ended: the smallest k with alpha^k <= RUN_END.
-RUN_END = 0.1
 # Codes that mean the replica no longer has this session where we left it: reopen it.
 SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
 CLOSE_TIMEOUT_S = 1.0
 _warn_degraded = ThrottledWarning()
-
-
-class DraftLength:
-    """k from the recent per-token acceptance probability, in 1..max_k (see the module docstring)."""
-
-    def __init__(self, max_k: int) -> None:
-        if max_k < 1:
-            raise ValueError(f"--draft-tokens must be >= 1, got {max_k}")
-        self.max_k = max_k
-        # exponential averages per round of accepted drafts and of rejections (0 or 1)
-        self.accepted, self.rejected = INITIAL_ACCEPTED, INITIAL_REJECTED
-
-    @property
-    def alpha(self) -> float:
-        """Estimated probability that a draft is accepted given that the ones before it were."""
-        return self.accepted / (self.accepted + self.rejected)
-
-    @property
-    def k(self) -> int:
-        alpha = self.alpha
-        if alpha >= 1.0:
-            return self.max_k
-        if alpha <= 0.0:
-            return 1
-        return max(1, min(self.max_k, math.ceil(math.log(RUN_END) / math.log(alpha))))
-
-    def update(self, drafted: int, accepted: int) -> None:
-        if drafted:
-            self.accepted += ACCEPTANCE_EMA * (accepted - self.accepted)
-            self.rejected += ACCEPTANCE_EMA * (float(accepted < drafted) - self.rejected)
 
 
 class _CallFailed(Exception):

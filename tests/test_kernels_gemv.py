@@ -145,6 +145,37 @@ def test_fused_decode_step_equals_the_unfused_step(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(logits["fused"], logits["unfused"], atol=1e-4, rtol=1e-4)
 
 
+@interpreted
+@pytest.mark.parametrize("tiling", [kernels.GemvTiling(1, 4, 64), kernels.GemvTiling(2, 2, 32),
+                                    kernels.GemvTiling(16, 16, 32, 4, "ieee"),
+                                    kernels.GemvTiling(16, 16, 16, 4, "tf32x3")])
+def test_normed_gemv_tilings_agree(tiling: kernels.GemvTiling) -> None:
+    """Both normed GEMVs over 5 rows under a given tiling equal them under the default: rows spread over programs
+    (BLOCK_B < rows), and tl.dot at fp32 and 3xTF32 precision."""
+    torch.manual_seed(5)
+    y, z, x, residual = (torch.randn(5, 64) for _ in range(4))
+    norm_weight, weight = 1 + 0.1 * torch.randn(64), torch.randn(48, 64) / 8
+    torch.testing.assert_close(kernels.gated_gemv_triton(y, z, norm_weight, 1e-5, weight, None, tiling),
+                               kernels.gated_gemv_triton(y, z, norm_weight, 1e-5, weight, None), atol=1e-5, rtol=1e-5)
+    got = kernels.add_rmsnorm_gemv_triton(x, residual, norm_weight, 1e-5, True, weight, None, tiling=tiling)
+    expected = kernels.add_rmsnorm_gemv_triton(x, residual, norm_weight, 1e-5, True, weight, None)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_normed_gemv_tiling_shortens_the_k_step_under_a_chunks_conv() -> None:
+    """The default tiling: `gemv_config`'s, except that a chunk's conv over 8+ positions takes a quarter of the
+    products per program (CONV_CHUNK_TILE_ELEMS); a chunk's conv refuses rows spread over programs."""
+    assert kernels.normed_gemv_tiling(9, 256) == kernels.GemvTiling(*kernels.gemv_config(9, 256))
+    tiling = kernels.normed_gemv_tiling(9, 256, conv_chunk=True)
+    assert tiling.block_b * tiling.block_n * tiling.block_k == kernels.CONV_CHUNK_TILE_ELEMS
+    assert kernels.normed_gemv_tiling(3, 256, conv_chunk=True) == kernels.normed_gemv_tiling(3, 256)
+    conv = kernels.ConvChunk(torch.zeros(1, 8, 4), torch.zeros(8, 4), None, 0, torch.zeros(1, 8, 9))
+    with pytest.raises(AssertionError, match="all of its positions"):
+        kernels.add_rmsnorm_gemv_triton(torch.zeros(5, 16), None, torch.ones(16), 1e-5, True, torch.zeros(24, 16), None,
+                                        conv, kernels.GemvTiling(1, 4, 16))
+
+
 def test_gemv_config_covers_k_in_few_steps_and_bounds_the_tile() -> None:
     assert kernels.gemv_config(1, 768) == (1, kernels.GEMV_BLOCK_N, 1024)  # one step, tail masked
     assert kernels.gemv_config(1, 4096) == (1, kernels.GEMV_BLOCK_N, 2048)  # 2048 divides K

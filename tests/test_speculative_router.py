@@ -15,8 +15,9 @@ import torch
 
 from proto import matmamba_pb2 as pb
 from proto.validate import GenerateInputs
+from router.draft_length import DraftLength
 from router.escalation import EscalationError, EscalationSettings, ReplicaPool
-from router.speculative import CloudSession, DraftLength
+from router.speculative import CloudSession
 
 from .conftest import small_lm
 from .test_cloud_server import ServerThread, _runner

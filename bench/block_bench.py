@@ -78,6 +78,33 @@ def replay_ms(replay, reps: int) -> float:
     return statistics.median(times)
 
 
+def graph_calls_us(call, calls: int, replays: int) -> float:
+    """Microseconds per call: call(0), call(1) run on a side stream to warm up, then call(0) .. call(calls - 1)
+    captured in one CUDA graph, replayed ``replays`` times (`replay_ms`), the median divided by the calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(2, calls)):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i)
+    graph.replay()
+    return replay_ms(graph.replay, replays) * 1e3 / calls
+
+
+def cuda_kernels(prof) -> dict[str, tuple[int, float]]:
+    """Per CUDA kernel (or copy) name in a finished torch.profiler run: (launches, device microseconds)."""
+    out: dict[str, tuple[int, float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            launches, micros = out.get(event.name, (0, 0.0))
+            out[event.name] = (launches + 1, micros + event.device_time)
+    return out
+
+
 def measure_ceilings() -> dict[str, float]:
     """Measured device-to-device copy bandwidth (read + write bytes) and bf16 matmul rate, random data."""
     src = torch.randint(0, 255, (COPY_BYTES,), dtype=torch.uint8, device="cuda")

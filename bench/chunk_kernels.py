@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench.block_bench import environment, finish, replay_ms
+from bench.block_bench import environment, finish, graph_calls_us
 from matmamba import kernels
 from matmamba.config import config_from_dict
 from matmamba.kernels import GemvTiling
@@ -44,22 +44,6 @@ DOT = [(16, 32, "ieee"), (16, 64, "tf32x3")]  # (BLOCK_N, BLOCK_K, precision): 1
 # H200 (rows 4-16 x warps 1-4; BLOCK_V 512 / 2048 x warps 4-16) had these within 3% of the best at every L.
 SCAN = [(16, 4), (4, 4)]
 ACCEPT = [(512, 4), (2048, 8), (512, 16)]
-
-
-def graph_us(fn) -> float:
-    """Microseconds per call of fn(): one CUDA graph of CALLS calls, median of REPLAYS replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    return replay_ms(graph.replay, REPLAYS) * 1e3 / CALLS
 
 
 def gemv_tilings(length: int, k: int, split: bool) -> list[GemvTiling]:
@@ -98,7 +82,7 @@ def sweep(label: str, length: int, tilings: list, call) -> list[dict[str, Any]]:
         out = call(tiling)
         reference = out if reference is None else reference
         rows.append({"kernel": label, "length": length, "tiling": name(tiling),
-                     "default": tiling is tilings[0], "us": graph_us(lambda t=tiling: call(t)),
+                     "default": tiling is tilings[0], "us": graph_calls_us(lambda i, t=tiling: call(t), CALLS, REPLAYS),
                      "max_abs_diff": float((out.float() - reference.float()).abs().max())})
         log.info("%s", rows[-1])
     return rows

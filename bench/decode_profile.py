@@ -11,7 +11,6 @@ of replays timed with CUDA events, so launch gaps inside the graph are included.
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench.block_bench import finish, replay_ms, start
+from bench.block_bench import cuda_kernels, finish, replay_ms, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import MatMambaLM
 from matmamba.cuda_graphs import capture
@@ -42,14 +41,8 @@ def profile_eager(model: MatMambaLM, level: int) -> list[dict[str, Any]]:
         for _ in range(STEPS):
             model.step(token, cache)
         torch.cuda.synchronize()
-    counts: dict[str, int] = collections.Counter()
-    micros: dict[str, float] = collections.defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            counts[event.name] += 1
-            micros[event.name] += event.device_time
-    rows = [{"kernel": name, "per_step": counts[name] / STEPS, "us_per_step": micros[name] / STEPS}
-            for name in counts]
+    rows = [{"kernel": name, "per_step": launches / STEPS, "us_per_step": micros / STEPS}
+            for name, (launches, micros) in cuda_kernels(prof).items()]
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 

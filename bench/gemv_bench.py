@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.block_bench import finish, replay_ms, start
+from bench.block_bench import finish, graph_calls_us, start
 from bench.decode_bench import DTYPE, LEVELS, lm_config
 from matmamba import kernels
 from matmamba.nesting import nested_dims
@@ -40,18 +40,7 @@ SWEEP = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048)
 
 def graph_us(op, weights: list[torch.Tensor], x: torch.Tensor) -> float:
     """Microseconds per call: one CUDA graph of op(x, w) over every copy in `weights`, medians of replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for w in weights[:2]:
-            op(x, w)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            op(x, w)
-    graph.replay()
-    return replay_ms(graph.replay, REPLAYS) * 1e3 / len(weights)
+    return graph_calls_us(lambda i: op(x, weights[i]), len(weights), REPLAYS)
 
 
 def projections(d_model: int, level: int) -> dict[str, tuple[int, int]]:

@@ -27,7 +27,6 @@ Measured side by side, medians over repetitions:
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import statistics
 import sys
@@ -41,7 +40,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.block_bench import environment, finish, replay_ms
+from bench.block_bench import cuda_kernels, environment, finish, replay_ms
 from bench.spec_bench import PROMPTS
 from cloud.runner import ModelRunner
 from cloud.speculative import Verifier
@@ -62,19 +61,14 @@ TOKENS = 64  # tokens per timed cloud-only generation
 def graph_kernels(replay, reps: int = REPS) -> dict[str, dict[str, float]]:
     """Per CUDA kernel (or copy) name: launches and GPU microseconds per ``replay()``, from CUPTI over ``reps``
     replays."""
-    launches: dict[str, int] = collections.Counter()
-    micros: dict[str, float] = collections.defaultdict(float)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             replay()
         torch.cuda.synchronize()
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            launches[event.name] += 1
-            micros[event.name] += event.device_time
-    if not launches:
+    kernels = cuda_kernels(prof)
+    if not kernels:
         raise RuntimeError("the profiler recorded no CUDA activity (CUPTI unavailable?)")
-    return {name: {"launches": launches[name] / reps, "us": micros[name] / reps} for name in launches}
+    return {name: {"launches": launches / reps, "us": micros / reps} for name, (launches, micros) in kernels.items()}
 
 
 def cloud_only(runner: ModelRunner, prompt: np.ndarray) -> dict[str, Any]:
@@ -196,9 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = cloud_only(runner, prompt)
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"environment": environment(), "checkpoint": str(args.checkpoint), "precision": "fp32",
-                           "cloud_only": {k: v for k, v in base.items() if k != "greedy"}, "rounds": []}
-    out["cloud_only"].pop("kernels")
-    out["kernels"] = {"step": base["kernels"]}
+                           "cloud_only": {k: v for k, v in base.items() if k not in ("greedy", "kernels")},
+                           "rounds": [], "kernels": {"step": base["kernels"]}}
     for k in DRAFTS:
         accepted = np.asarray(base["greedy"][:k], dtype=np.int64)
         rejected = rng.integers(0, runner.config.vocab_size, k)

@@ -8,7 +8,7 @@
 # across tiers, bench/spec_bench.py), chunk (a round's kernels under each tiling, bench/chunk_kernels.py),
 # block (nested block vs mamba-ssm Mamba2), decode (the decode step's projections, cuBLAS vs the Triton GEMV,
 # bench/gemv_bench.py; CUDA-graph decoding vs mamba-ssm generation; the kernels of one decode step,
-# bench/decode_profile.py).
+# bench/decode_profile.py), distill (the shipped LM fine-tuned with matmamba.train --distill, and its control).
 # BASELINES_ONLY=1 skips the joint run; PARALLEL_BASELINES=1 trains the baselines concurrently.
 # Needs .whl (the mamba-ssm sdist, grpcio/protobuf/grpcio-health-checking wheels for Python 3.12), .data
 # (fashion-mnist gz files, prepared prose) and the generated proto/*_pb2*.py carried along.
@@ -33,6 +33,10 @@ VISION=(--d-model 192 --n-layer 6 --d-state 64 --headdim 16 --steps 1500 --batch
         --eval-every 500 --save-every 100000 --no-progress)
 LM=(--d-model 256 --n-layer 6 --d-state 64 --headdim 16 --steps 800 --batch-size 32 --seq-len 256 --lr 2e-3
     --warmup 100 --eval-every 200 --save-every 100000 --vocab-size 2048 --no-progress)
+
+# Fine-tuning the shipped LM (phase distill): a quarter of its learning rate, 600 more steps.
+DISTILL=(--steps 600 --batch-size 32 --seq-len 256 --lr 5e-4 --warmup 50 --eval-every 200 --save-every 100000
+         --no-progress)
 
 run_task() {  # task, widths..., then training args after --
   local task=$1; shift
@@ -140,6 +144,18 @@ for phase in "$@"; do
             || echo "scale_bench (per GPU) exited $?"
         fi
       } | tee "$OUT/scale.log" ;;
+    distill)  # the shipped LM fine-tuned with --distill 0 (the control: more steps only), 0.5 and 0.9, side by side
+      # on the GPU (small, launch-bound models: concurrent runs share it); checkpoints as tarballs under $OUT
+      mkdir -p runs/distill
+      for a in 0 0.5 0.9; do
+        python3 -m matmamba.train lm --init checkpoints/matmamba-lm-austen --distill "$a" "${DISTILL[@]}" \
+          --out "runs/distill/distill-$a" > "$OUT/distill-$a.log" 2>&1 &
+      done
+      wait
+      for a in 0 0.5 0.9; do
+        tail -1 "$OUT/distill-$a.log"
+        tar czf "$OUT/distill-$a.tar.gz" -C runs/distill "distill-$a"
+      done ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

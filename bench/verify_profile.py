@@ -42,11 +42,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.block_bench import cuda_kernels, environment, finish, replay_ms
 from bench.spec_bench import PROMPTS
+from bench.speculate import level_row
 from cloud.runner import ModelRunner
 from cloud.speculative import Verifier
 from matmamba import load_model
 from proto.validate import GenerateInputs
-from router.draft_length import DraftLength
 
 log = logging.getLogger("verify_profile")
 
@@ -113,7 +113,7 @@ class CloudGpuTime:
     and the CUDA-event span around each call."""
 
     def __init__(self) -> None:
-        self.kernel_ms = self.span_ms = 0.0
+        self.ms = {"kernel": 0.0, "span": 0.0}
 
     def measure(self, fn, *args):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,57 +122,12 @@ class CloudGpuTime:
             result = fn(*args)
             end.record()
             end.synchronize()
-        self.span_ms += begin.elapsed_time(end)
+        self.ms["span"] += begin.elapsed_time(end)
         device = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, copies
         if not device:
             raise RuntimeError("the profiler recorded no CUDA activity (CUPTI unavailable?)")
-        self.kernel_ms += sum(e.self_device_time_total for e in device) / 1e3
+        self.ms["kernel"] += sum(e.self_device_time_total for e in device) / 1e3
         return result
-
-
-def level_gpu_time(runner: ModelRunner, drafter: torch.nn.Module, prompts: list[np.ndarray], level: int,
-                   max_k: int) -> dict[str, Any]:
-    """Cloud-only and speculative cloud GPU time per token at one edge level (see the module docstring)."""
-    width = runner.config.d_model // level
-    base, spec = CloudGpuTime(), CloudGpuTime()
-    tokens_base, tokens_spec, rounds, drafted, accepted, identical = 0, 0, 0, 0, 0, True
-    verifier = Verifier(runner)
-    for prompt in prompts:
-        inputs = GenerateInputs(prompt, TOKENS, 0.0, 0, 1.0, None, runner.config.d_model, "profile")
-        ref: list[int] = []
-        base.measure(runner.generate, inputs, threading.Event(), lambda token, logprob, ref=ref: ref.append(token))
-        tokens_base += len(ref)
-        session, _ = verifier.open(GenerateInputs(prompt, TOKENS + max_k + 1, 0.0, 0, 1.0, None,
-                                                  runner.config.d_model, "profile"))
-        cache = drafter.allocate_cache(1, widths=width)
-        logits = drafter(torch.from_numpy(prompt)[None], cache=cache)[:, -1]
-        length, out = DraftLength(max_k), []
-        while len(out) < TOKENS:
-            k = length.k
-            drafts, snapshots = [], []
-            for _ in range(k):
-                snapshots.append(cache.clone())
-                token = logits.argmax(-1)
-                drafts.append(int(token))
-                logits = drafter.step(token, cache)
-            verdict = spec.measure(verifier.verify, session, np.asarray(drafts, dtype=np.int64), None)
-            length.update(k, verdict.accepted)
-            rounds, drafted, accepted = rounds + 1, drafted + k, accepted + verdict.accepted
-            out += drafts[:verdict.accepted] + [verdict.next_token]
-            if verdict.accepted < k:
-                cache.copy_(snapshots[verdict.accepted])
-            logits = drafter.step(torch.tensor([verdict.next_token]), cache)
-        identical &= out[:TOKENS] == ref
-        tokens_spec += len(out)
-    row = {"level": level, "width": width, "identical": identical, "rounds": rounds, "tokens": tokens_spec,
-           "drafts_accepted": accepted / drafted, "tokens_per_round": tokens_spec / rounds,
-           "cloud_only_kernel_ms_per_token": base.kernel_ms / tokens_base,
-           "cloud_only_span_ms_per_token": base.span_ms / tokens_base,
-           "spec_kernel_ms_per_token": spec.kernel_ms / tokens_spec,
-           "spec_span_ms_per_token": spec.span_ms / tokens_spec}
-    row["kernel_ratio"] = row["cloud_only_kernel_ms_per_token"] / row["spec_kernel_ms_per_token"]
-    row["span_ratio"] = row["cloud_only_span_ms_per_token"] / row["spec_span_ms_per_token"]
-    return row
 
 
 def round_graph(runner: ModelRunner, k: int) -> tuple[float, dict[str, dict[str, float]]]:
@@ -208,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [np.asarray(runner.tokenizer.encode(t), dtype=np.int64) for t in PROMPTS[:args.prompts]]
     out["levels"] = []
     for level in args.levels:
-        row = level_gpu_time(runner, drafter, prompts, level, args.draft_tokens)
+        row = level_row(runner, drafter, prompts, level, args.draft_tokens, TOKENS, CloudGpuTime)
         out["levels"].append(row)
         log.info("level %d: %s", level, row)
     out["draft_tokens"], out["prompts"] = args.draft_tokens, len(prompts)

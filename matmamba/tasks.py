@@ -23,8 +23,22 @@ def autocast(device: torch.device):
 # ------------------------------------------------------------------ vision
 
 
-def vision_loss(model, images: torch.Tensor, labels: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
-    return F.cross_entropy(model(images, widths=widths).float(), labels)
+def distilled_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, alpha: float,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """(1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student) at temperature T.
+
+    logits and teacher: (..., classes), labels: (...). The teacher's logits are detached: the
+    nested width learns to agree with the full width, the full width is not pulled towards it.
+    teacher=None or alpha=0 is plain cross-entropy.
+    """
+    logits = logits.float().flatten(0, -2)
+    ce = F.cross_entropy(logits, labels.flatten())
+    if teacher is None or alpha == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher.detach().float().flatten(0, -2) / t, -1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl
 
 
 @torch.no_grad()
@@ -80,6 +94,32 @@ def lm_loss(model, tokens: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     """Next-token cross-entropy (nats/token). tokens: (B, L + 1)."""
     logits = model(tokens[:, :-1], widths=widths)
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@torch.no_grad()
+def lm_agreement(model, stream: TokenStream, specs: dict[str, Sequence[int]], teacher: Sequence[int],
+                 device: torch.device, seq_len: int = 256, batch_size: int = 32,
+                 max_windows: int | None = None) -> dict[str, float]:
+    """Share of positions where each spec's top-1 next token equals the teacher spec's.
+
+    Over the same non-overlapping windows as `lm_eval`. Under greedy speculative decoding this is
+    the chance that a drafted token is accepted, on this split's text.
+    """
+    model.eval()
+    n = (stream.ids.numel() - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the evaluation split has {stream.ids.numel()} tokens, fewer than seq_len {seq_len}")
+    same = dict.fromkeys(specs, 0)
+    for start in range(0, n, batch_size):
+        batch = torch.stack([stream.ids[i * seq_len:i * seq_len + seq_len]
+                             for i in range(start, min(n, start + batch_size))]).to(device)
+        with autocast(device):
+            top = model(batch, widths=teacher).argmax(-1)
+            for name, spec in specs.items():
+                same[name] += (model(batch, widths=spec).argmax(-1) == top).sum().item()
+    return {name: count / (n * seq_len) for name, count in same.items()}
 
 
 def lm_train_batch(stream: TokenStream, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:

@@ -3,10 +3,17 @@
     python -m matmamba.train vision --out checkpoints/matmamba-vision-fmnist --steps 3000
     python -m matmamba.train lm --out checkpoints/matmamba-lm-austen --steps 1500
     python -m matmamba.train vision --levels 1 --width 32 --out runs/baseline-32   # independent baseline
+    python -m matmamba.train lm --init checkpoints/matmamba-lm-austen --distill 0.5 --out runs/lm-distilled
 
 Each step runs one forward/backward per trained width (loss weights configurable, equal by
 default) and one AdamW step; bf16 autocast on CUDA; linear warmup then cosine decay; gradient
 clipping. `--resume` continues from `<out>/train_state.pt` bit for bit (same data order).
+
+`--distill A` trains every narrower width on (1 - A) x cross-entropy + A x KL from the full
+width's (detached) output at `--distill-temperature`, so the nested submodels learn to agree
+with the full model: the drafts of cross-tier speculative decoding get accepted more often.
+`--init DIR` starts from a trained checkpoint (its architecture and tokenizer) instead of a
+fresh model, e.g. to distill the shipped one.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class TrainSetup:
     tokenizer: Any = None
     data: dict[str, Any] = field(default_factory=dict)
     data_start: Any = lambda step: None  # (step) -> None: position the data stream for a resumed run
+    init_fingerprint: str | None = None  # the --init checkpoint's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-state", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the train split")
     p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint (architecture, weights, tokenizer); shape options are ignored")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of the KL from the full width in each narrower width's loss")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.levels = [int(k) for k in args.levels.split(",")]
@@ -97,12 +110,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           else [1.0] * len(args.levels))
     if len(args.level_weights) != len(args.levels):
         p.error("--level-weights needs one weight per level")
+    if not 0.0 <= args.distill <= 1.0:
+        p.error(f"--distill is a weight in [0, 1], got {args.distill}")
+    if args.distill and args.width is not None:
+        p.error("--distill teaches the nested widths from the full width; a --width baseline trains one width only")
+    if args.distill and 1 not in args.levels:
+        p.error("--distill needs level 1 among --levels: the full width is the teacher")
+    if args.distill_temperature <= 0:
+        p.error(f"--distill-temperature must be positive, got {args.distill_temperature}")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        p.error(f"--init {args.init}: no checkpoint there (config.json is missing)")
     return args
 
 
 def block_config(args: argparse.Namespace, d_model: int) -> MatMamba2Config:
     levels = tuple(sorted(set(args.levels) | {1}))
     return MatMamba2Config(d_model=d_model, d_state=args.d_state, headdim=args.headdim, chunk_size=64, levels=levels)
+
+
+def initial_model(args: argparse.Namespace, cls: type, config: Any, device: torch.device) -> torch.nn.Module:
+    """A fresh model from `config`, or the --init checkpoint (which must be of the same task)."""
+    if args.init is None:
+        return cls(config).to(device)
+    try:
+        model = cls.from_pretrained(args.init)
+    except ValueError as err:
+        raise SystemExit(f"--init {args.init}: {err}") from None
+    return model.to(device)
+
+
+def joint_losses(forward, labels: torch.Tensor, specs: dict[str, tuple[int, ...]],
+                 args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """One loss per spec; with --distill the widest spec's logits teach the others."""
+    teacher_name = max(specs, key=lambda name: sum(specs[name]))
+    teacher = forward(specs[teacher_name])
+    losses = {teacher_name: tasks.distilled_loss(teacher, labels, None, 0.0)}
+    for name, spec in specs.items():
+        if name != teacher_name:
+            losses[name] = tasks.distilled_loss(forward(spec), labels, teacher if args.distill else None,
+                                                args.distill, args.distill_temperature)
+    return {name: losses[name] for name in specs}
 
 
 def width_specs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -119,7 +166,7 @@ def width_specs(model: torch.nn.Module, args: argparse.Namespace) -> tuple[dict,
 def setup_vision(args: argparse.Namespace, device: torch.device) -> TrainSetup:
     cfg = MatMambaVisionConfig(n_layer=args.n_layer, patch_size=args.patch_size,
                                block=block_config(args, args.d_model or 128))
-    model = MatMambaVision(cfg).to(device)
+    model = initial_model(args, MatMambaVision, cfg, device)
     specs, weights = width_specs(model, args)
     batch_size = args.batch_size or 256
     stream = {"batches": tasks.vision_train_batches(batch_size, args.seed)}
@@ -131,7 +178,7 @@ def setup_vision(args: argparse.Namespace, device: torch.device) -> TrainSetup:
     def next_loss(step: int) -> dict[str, torch.Tensor]:
         images, labels = next(stream["batches"])
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        return {name: tasks.vision_loss(model, images, labels, spec) for name, spec in specs.items()}
+        return joint_losses(lambda spec: model(images, widths=spec), labels, specs, args)
 
     def evaluate() -> dict[str, dict[str, float]]:
         return {name: {"val_accuracy": tasks.vision_accuracy(model, val_images, val_labels, spec, device)}
@@ -143,27 +190,40 @@ def setup_vision(args: argparse.Namespace, device: torch.device) -> TrainSetup:
 
 def setup_lm(args: argparse.Namespace, device: torch.device) -> TrainSetup:
     tok_dir = args.out / "tokenizer"
-    if args.resume and (tok_dir / "tokenizer_config.json").exists():
-        tokenizer = load_tokenizer(tok_dir)
+    if args.init is not None:
+        model = initial_model(args, MatMambaLM, None, device)
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise SystemExit(f"--init {args.init}: the checkpoint has no tokenizer (tokenizer_config.json)")
     else:
-        tokenizer = BPETokenizer.train(load_prose("train"), vocab_size=args.vocab_size)
-        tokenizer.save(tok_dir)
+        if args.resume and (tok_dir / "tokenizer_config.json").exists():
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            tokenizer = BPETokenizer.train(load_prose("train"), vocab_size=args.vocab_size)
+            tokenizer.save(tok_dir)
+        cfg = MatMambaLMConfig(n_layer=args.n_layer, vocab_size=tokenizer.vocab_size,
+                               block=block_config(args, args.d_model or 256))
+        model = initial_model(args, MatMambaLM, cfg, device)
     streams = tasks.prose_streams(tokenizer)
-    cfg = MatMambaLMConfig(n_layer=args.n_layer, vocab_size=tokenizer.vocab_size,
-                           block=block_config(args, args.d_model or 256))
-    model = MatMambaLM(cfg).to(device)
     specs, weights = width_specs(model, args)
+    full = (model.config.d_model,) * model.config.n_layer
     batch_size = args.batch_size or 32
 
     def next_loss(step: int) -> dict[str, torch.Tensor]:
         batch = tasks.lm_train_batch(streams["train"], batch_size, args.seq_len, args.seed, step).to(device)
-        return {name: tasks.lm_loss(model, batch, spec) for name, spec in specs.items()}
+        return joint_losses(lambda spec: model(batch[:, :-1], widths=spec), batch[:, 1:], specs, args)
 
     def evaluate() -> dict[str, dict[str, float]]:
         out = {}
         for name, spec in specs.items():
             res = tasks.lm_eval(model, streams["val"], spec, device, args.seq_len, max_windows=args.eval_samples)
             out[name] = {"val_loss": res["loss"], "val_bits_per_byte": res["bits_per_byte"]}
+        narrower = {name: spec for name, spec in specs.items() if spec != full}
+        if narrower:
+            agreement = tasks.lm_agreement(model, streams["val"], narrower, full, device, args.seq_len,
+                                           max_windows=args.eval_samples)
+            for name, share in agreement.items():
+                out[name]["val_top1_agreement"] = share
         return out
 
     return TrainSetup(model, specs, weights, next_loss, evaluate, batch_size * args.seq_len, "tokens",
@@ -198,6 +258,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     setup = (setup_vision if args.task == "vision" else setup_lm)(args, device)
+    setup.init_fingerprint = setup.model.fingerprint if args.init is not None else None
     opt, sched = make_optimizer(setup.model, args)
     start, history, elapsed, side = 0, [], 0.0, 0.0  # side: seconds spent evaluating and saving
     if args.resume and (args.out / STATE_FILE).exists():
@@ -272,6 +333,8 @@ def finish(args: argparse.Namespace, setup: TrainSetup, history: list, wall: flo
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": setup.data, "history": history, "final_eval": history[-1]["eval"] if history else {},
         "config": model.config.to_dict(), "fingerprint": model.fingerprint,
+        "init": ({"checkpoint": str(args.init), "fingerprint": setup.init_fingerprint}
+                 if args.init is not None else None),
     }
     (args.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -1,7 +1,7 @@
 """Speculative decoding at the model level: state rollback, greedy identity, the sampling distribution.
 
-The drafting loop here (`speculate`) is the router's algorithm in its simplest synchronous form:
-the nested submodel (same weights, narrower width) drafts k tokens by recurrent steps, the
+The drafting loop (`bench.speculate.speculate`) is the router's algorithm in its simplest synchronous
+form: the nested submodel (same weights, narrower width) drafts k tokens by recurrent steps, the
 cloud's Verifier checks them in one pass and rolls its state back. The router's own loop is
 tested end to end in tests/test_speculative_e2e.py.
 """
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.speculate import GREEDY, speculate
 from cloud.runner import VERIFY_GRAPH_LENGTHS, ModelRunner
 from cloud.speculative import Verifier, accept_drafts, greedy_round
 from matmamba import MatMambaLM, load_model
 from matmamba.cuda_graphs import ChunkGraphs
-from matmamba.generation import SamplingParams, sample_next, sampling_probs
+from matmamba.generation import SamplingParams
 from matmamba.kernels import ssd_state_after
 from proto.validate import GenerateInputs
 
@@ -27,7 +28,6 @@ from .conftest import EagerDecodeSlots, small_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LM = REPO_ROOT / "checkpoints" / "matmamba-lm-austen"
-GREEDY = SamplingParams(0.0)
 
 
 # ------------------------------------------------------------------ state rollback
@@ -116,36 +116,6 @@ def _inputs(prompt: list[int], n: int, params: SamplingParams, seed: int | None,
                           seed, width, "")
 
 
-@torch.inference_mode()
-def speculate(verifier: Verifier, prompt: list[int], n: int, edge_width: int, k: int,
-              params: SamplingParams = GREEDY, seed: int | None = None) -> tuple[list[int], int, int]:
-    """Generate n tokens speculatively; returns (tokens, verification rounds, drafts accepted)."""
-    model: MatMambaLM = verifier.runner.model
-    device = verifier.runner.device
-    session, _ = verifier.open(_inputs(prompt, n + k + 1, params, seed, model.config.d_model))
-    draft_cache = model.allocate_cache(1, widths=edge_width)
-    logits = model(torch.tensor([prompt], device=device), cache=draft_cache)[:, -1]
-    gen = torch.Generator(device=device).manual_seed(seed + 1) if seed is not None else None
-    out: list[int] = []
-    rounds = accepted = 0
-    while len(out) < n:
-        drafts, probs, snapshots = [], [], []
-        for _ in range(k):
-            snapshots.append(draft_cache.clone())
-            probs.append(sampling_probs(logits, params)[0])
-            token = sample_next(logits, params, gen)
-            drafts.append(int(token))
-            logits = model.step(token, draft_cache)
-        q = torch.stack(probs).cpu().numpy() if not params.greedy else None
-        verdict = verifier.verify(session, np.asarray(drafts, dtype=np.int64), q)
-        rounds, accepted = rounds + 1, accepted + verdict.accepted
-        out += drafts[:verdict.accepted] + [verdict.next_token]
-        if verdict.accepted < k:  # back to the state after the accepted drafts
-            draft_cache.copy_(snapshots[verdict.accepted])
-        logits = model.step(torch.tensor([verdict.next_token], device=device), draft_cache)
-    return out[:n], rounds, accepted
-
-
 @pytest.fixture(scope="module")
 def austen() -> ModelRunner:
     torch.set_num_threads(1)
@@ -168,7 +138,8 @@ def test_greedy_speculative_output_equals_greedy_decoding(austen: ModelRunner, l
     prompts = _prompts(model, 16)
     for i, prompt in enumerate(prompts):
         ref = model.generate(torch.tensor([prompt]), n, temperature=0.0)[0, len(prompt):].tolist()
-        got, rounds, accepted = speculate(verifier, prompt, n, model.config.d_model // level, k=2 + i % 7)
+        run = speculate(verifier, prompt, n, model.config.d_model // level, k=2 + i % 7)
+        got, rounds, accepted = run.tokens, run.rounds, run.accepted
         assert got == ref, f"prompt {i} at level {level}"
         total_rounds, total_accepted = total_rounds + rounds, total_accepted + accepted
     if level == 1:  # the verifier's own width drafts: every draft is accepted
@@ -216,7 +187,7 @@ def test_verifier_through_chunk_graphs_gives_greedy_decoding(austen: ModelRunner
     verifier = Verifier(runner)
     for i, prompt in enumerate(_prompts(model, 4)):
         ref = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0, len(prompt):].tolist()
-        got, _, _ = speculate(verifier, prompt, 16, model.config.d_model // 2, k=2 + i)  # k = 5: the eager path
+        got = speculate(verifier, prompt, 16, model.config.d_model // 2, k=2 + i).tokens  # k = 5: the eager path
         assert got == ref, f"prompt {i}"
     assert len(runner.chunk_graphs) == 4  # no capture outside warm-up
 
@@ -232,7 +203,7 @@ def test_greedy_round_graphs_equal_the_host_round(austen: ModelRunner) -> None:
     edge_width = model.config.d_model // 2
     for i, prompt in enumerate(_prompts(model, 4)):
         ref = model.generate(torch.tensor([prompt]), 16, temperature=0.0)[0, len(prompt):].tolist()
-        got, _, _ = speculate(verifier, prompt, 16, edge_width, k=1 + i)
+        got = speculate(verifier, prompt, 16, edge_width, k=1 + i).tokens
         assert got == ref, f"prompt {i}"
     prompt = _prompts(model, 1)[0]
     inputs = _inputs(prompt, 40, GREEDY, None, model.config.d_model)
@@ -294,7 +265,7 @@ def test_sampled_speculative_output_follows_the_full_model() -> None:
     trials = 1000
     counts = np.zeros(64)
     for seed in range(trials):
-        out, _, _ = speculate(verifier, prompt, 2, edge_width, k=2, params=params, seed=seed)
+        out = speculate(verifier, prompt, 2, edge_width, k=2, params=params, seed=seed).tokens
         counts[out[0] * 8 + out[1]] += 1
     keep = expected * trials >= 5  # chi-square needs enough expected counts per cell
     observed = np.append(counts[keep], counts[~keep].sum())
@@ -378,7 +349,7 @@ def test_cuda_greedy_speculative_output_equals_greedy_decoding() -> None:
     verifier = Verifier(ModelRunner(model, torch.device("cuda"), precision="fp32"))
     for i, prompt in enumerate(_prompts(model, 8)):
         ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
-        got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 4, k=2 + i % 5)
+        got = speculate(verifier, prompt, 24, model.config.d_model // 4, k=2 + i % 5).tokens
         assert got == ref, f"prompt {i}"
     assert len(verifier.runner.chunk_graphs) == 0  # not warmed up: every round ran eager
 
@@ -393,6 +364,6 @@ def test_cuda_verification_graphs_equal_eager_verification() -> None:
     verifier = Verifier(runner)
     for i, prompt in enumerate(_prompts(model, 8)):
         ref = model.generate(torch.tensor([prompt], device="cuda"), 24, temperature=0.0)[0, len(prompt):].tolist()
-        got, _, _ = speculate(verifier, prompt, 24, model.config.d_model // 2, k=1 + i % 8)
+        got = speculate(verifier, prompt, 24, model.config.d_model // 2, k=1 + i % 8).tokens
         assert got == ref, f"prompt {i}"
     assert len(runner.chunk_graphs) == len(runner.round_graphs) == len(VERIFY_GRAPH_LENGTHS)

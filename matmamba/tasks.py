@@ -96,6 +96,16 @@ def lm_loss(model, tokens: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
+def window_count(stream: TokenStream, seq_len: int, max_windows: int | None) -> int:
+    """How many non-overlapping seq_len windows (each with its next token) an evaluation reads."""
+    n = (stream.ids.numel() - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the evaluation split has {stream.ids.numel()} tokens, fewer than seq_len {seq_len}")
+    return n
+
+
 @torch.no_grad()
 def lm_agreement(model, stream: TokenStream, specs: dict[str, Sequence[int]], teacher: Sequence[int],
                  device: torch.device, seq_len: int = 256, batch_size: int = 32,
@@ -106,11 +116,7 @@ def lm_agreement(model, stream: TokenStream, specs: dict[str, Sequence[int]], te
     the chance that a drafted token is accepted, on this split's text.
     """
     model.eval()
-    n = (stream.ids.numel() - 1) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"the evaluation split has {stream.ids.numel()} tokens, fewer than seq_len {seq_len}")
+    n = window_count(stream, seq_len, max_windows)
     same = dict.fromkeys(specs, 0)
     for start in range(0, n, batch_size):
         batch = torch.stack([stream.ids[i * seq_len:i * seq_len + seq_len]
@@ -134,11 +140,7 @@ def lm_eval(model, stream: TokenStream, widths: Sequence[int] | None, device: to
             batch_size: int = 32, max_windows: int | None = None) -> dict[str, float]:
     """Mean loss (nats/token) and bits per byte over non-overlapping windows of the split."""
     model.eval()
-    n = (stream.ids.numel() - 1) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"the evaluation split has {stream.ids.numel()} tokens, fewer than seq_len {seq_len}")
+    n = window_count(stream, seq_len, max_windows)
     windows = torch.stack([stream.ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
     total = 0.0
     for start in range(0, n, batch_size):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +62,15 @@ def small_vision(seed: int = 0, n_layer: int = 2, **block) -> MatMambaVision:
     torch.manual_seed(seed)
     cfg = MatMambaVisionConfig(n_layer=n_layer, patch_size=4, image_size=28, block=small_block_config(**block))
     return MatMambaVision(cfg).eval()
+
+
+def use_prose(directory: Path, paragraphs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand a corpus of these paragraphs in for the prepared Austen novels (MATMAMBA_PROSE_DIR)."""
+    text = "\n\n".join(paragraphs)
+    directory.mkdir(parents=True)
+    (directory / "austen.txt").write_text(text)
+    (directory / "austen.json").write_text(json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest()}))
+    monkeypatch.setenv("MATMAMBA_PROSE_DIR", str(directory))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from matmamba import MatMambaLM, MatMambaVision
 from matmamba.data import has_full_fashion_mnist
 from matmamba.train import main
 
+from .conftest import use_prose
+
 needs_fmnist = pytest.mark.skipif(not has_full_fashion_mnist(), reason="needs Debian dataset-fashion-mnist")
 TINY = ["--d-model", "32", "--headdim", "4", "--n-layer", "2", "--d-state", "8", "--eval-samples", "64",
         "--no-progress", "--warmup", "2"]
@@ -47,16 +49,8 @@ def test_baseline_trains_only_its_width(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_prose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A small synthetic corpus in place of the Austen novels."""
-    import hashlib
-
-    paragraphs = [f"Paragraph {i}: it is a truth universally acknowledged that a model needs data." for i in
-                  range(400)]
-    text = "\n\n".join(paragraphs)
-    prose = tmp_path / "prose"
-    prose.mkdir()
-    (prose / "austen.txt").write_text(text)
-    (prose / "austen.json").write_text(json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest()}))
-    monkeypatch.setenv("MATMAMBA_PROSE_DIR", str(prose))
+    use_prose(tmp_path / "prose", [f"Paragraph {i}: it is a truth universally acknowledged that a model needs data."
+                                   for i in range(400)], monkeypatch)
 
 
 @pytest.mark.usefixtures("tiny_prose")

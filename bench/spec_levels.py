@@ -116,6 +116,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     levels = [r["level"] for r in result["checkpoints"][0]["levels"]]
     for ax in (left, right):
         ax.set_xticks(levels, [str(level) for level in levels])
+        ax.minorticks_off()
         ax.legend(fontsize=8)
     fig.suptitle(f"speculative decoding per edge level ({result['machine']})", fontsize=9)
     fig.tight_layout()
